@@ -1,0 +1,307 @@
+"""``semclust <stage>``: one subcommand per stage, ``run`` for all of them, ``demo``, ``search``.
+
+Flags override the YAML config (``--config``), which overrides the defaults; ``--set key=value``
+reaches any config field by its dotted name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from semclust import __version__
+
+log = logging.getLogger("semclust")
+
+# (flag, dotted config key, type, help) per stage; `run` takes all of them.
+_STAGE_FLAGS: dict[str, list[tuple[str, str, Any, str]]] = {
+    "embed": [
+        ("--backbone", "embed.backbone", str, "backbone: resnet50 (default) or efficientnet_lite0"),
+        (
+            "--weights",
+            "embed.weights",
+            str,
+            "imagenet | random | default (packaged weights) | path to a weights/.keras/.pth file",
+        ),
+        ("--image-size", "embed.image_size", int, "input size (default: the backbone's own)"),
+        ("--resize", "embed.resize", str, "center_crop | squash | pad"),
+        ("--batch-size", "embed.batch_size", int, "images per model call"),
+        ("--num-actors", "embed.num_actors", int, "model actors (min of the pool)"),
+        ("--max-actors", "embed.max_actors", int, "model actors (max of the pool)"),
+        ("--rows-per-part", "embed.rows_per_part", int, "rows per embeddings shard"),
+        ("--device", "embed.device", str, "auto | cpu | gpu"),
+        ("--keras-backend", "embed.keras_backend", str, "tensorflow | jax | torch"),
+    ],
+    "cluster": [
+        ("--k", "cluster.k", int, "number of clusters"),
+        ("--niter", "cluster.niter", int, "k-means iterations"),
+        ("--nredo", "cluster.nredo", int, "k-means restarts (best objective kept)"),
+        ("--seed", "cluster.seed", int, "k-means seed"),
+        ("--cluster-device", "cluster.device", str, "auto | cpu | gpu"),
+    ],
+    "graph": [
+        ("--knn-k", "graph.k", int, "neighbours per image in the kNN graph"),
+        ("--metric", "graph.metric", str, "cosine | l2"),
+        ("--graph-actors", "graph.num_actors", int, "Ray actors answering kNN queries"),
+    ],
+    "index": [
+        ("--index-type", "index.type", str, "flat"),
+    ],
+}
+
+
+def _parse_set(items: Sequence[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"--set expects key=value, got {item!r}")
+        key, value = item.split("=", 1)
+        out[key.strip()] = value
+    return out
+
+
+def _add_common(p: argparse.ArgumentParser, *, needs_run_dir: bool = True) -> None:
+    p.add_argument("--config", help="YAML config file (flags override it)")
+    p.add_argument(
+        "--run-dir",
+        required=False,
+        help="run directory (local path or s3:// prefix)"
+        + (" [required]" if needs_run_dir else ""),
+    )
+    p.add_argument("--mode", choices=["resume", "overwrite"], help="resume (default) or overwrite")
+    p.add_argument("--ray-address", help="Ray cluster address (default: RAY_ADDRESS or local Ray)")
+    p.add_argument("--num-cpus", type=int, help="CPUs for a local Ray (default: all)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any config field by dotted name, e.g. --set embed.decode_batch_size=128",
+    )
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+
+def _add_stage_flags(p: argparse.ArgumentParser, stages: Sequence[str]) -> None:
+    for stage in stages:
+        group = p.add_argument_group(f"{stage} options")
+        for flag, key, tp, help_text in _STAGE_FLAGS[stage]:
+            group.add_argument(flag, dest=key, type=tp, help=help_text)
+    if "embed" in stages:
+        p.add_argument(
+            "--no-normalize",
+            dest="embed.normalize",
+            action="store_const",
+            const=False,
+            help="keep raw embeddings (default: L2-normalised)",
+        )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="semclust",
+        description="Images in object storage -> embeddings, clusters, a kNN graph and a "
+        "searchable index, on Ray.",
+    )
+    parser.add_argument("--version", action="version", version=f"semclust {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("run", help="all stages in order: embed, cluster, graph, index")
+    p.add_argument("input", nargs="?", help="image folder, file:// or s3:// prefix (none: demo)")
+    _add_common(p)
+    _add_stage_flags(p, ["embed", "cluster", "graph", "index"])
+
+    p = sub.add_parser("embed", help="images -> embeddings/ and failures/")
+    p.add_argument("input", nargs="?", help="image folder, file:// or s3:// prefix")
+    _add_common(p)
+    _add_stage_flags(p, ["embed"])
+
+    for stage, help_text in (
+        ("cluster", "embeddings/ -> model/ and assignments/ (FAISS k-means)"),
+        ("graph", "embeddings/ -> knn/ (exact FAISS kNN graph)"),
+        ("index", "embeddings/ -> index/ (FAISS index + ids.parquet)"),
+    ):
+        p = sub.add_parser(stage, help=help_text)
+        _add_common(p)
+        _add_stage_flags(p, [stage])
+
+    p = sub.add_parser("evaluate", help="score the run's clusters against known classes")
+    _add_common(p)
+    p.add_argument(
+        "--truth",
+        default="folder-names",
+        help="folder-names (class = parent folder) or a Parquet/CSV file with uri,label",
+    )
+
+    p = sub.add_parser("search", help="nearest images to query images, from a run's index")
+    p.add_argument("--run-dir", required=True, help="run directory with an index/")
+    p.add_argument(
+        "--image", action="append", required=True, help="query image file, URI or folder (repeat)"
+    )
+    p.add_argument("-k", type=int, default=10, help="results per query (default 10)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+    p = sub.add_parser("demo", help="build the demo image set and run everything on it")
+    p.add_argument("--out", default="semclust-demo", help="output folder (default ./semclust-demo)")
+    p.add_argument("--per-class", type=int, default=20, help="images per class (default 20)")
+    p.add_argument("--weights", default="default", help="efficientnet_lite0 weights")
+    p.add_argument("--num-cpus", type=int, help="CPUs for the local Ray (default: all)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> Any:
+    from semclust.config import load_config
+
+    overrides: dict[str, Any] = _parse_set(getattr(args, "set", []))
+    for key, value in vars(args).items():
+        if "." in key and value is not None:
+            overrides[key] = value
+    for attr, key in (
+        ("run_dir", "run_dir"),
+        ("mode", "mode"),
+        ("ray_address", "ray.address"),
+        ("num_cpus", "ray.num_cpus"),
+        ("input", "embed.input"),
+    ):
+        value = getattr(args, attr, None)
+        if value is not None:
+            overrides[key] = value
+    cfg = load_config(args.config, overrides)
+    if not cfg.run_dir:
+        raise ValueError("no run directory given: pass --run-dir (or set run_dir in the config)")
+    return cfg
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+    for noisy in ("ray", "absl", "tensorflow", "h5py"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _print_hits(queries: list[str], results: list[list[Any]], as_json: bool) -> None:
+    if as_json:
+        out = [
+            {"query": q, "results": [h.__dict__ for h in hits]}
+            for q, hits in zip(queries, results, strict=True)
+        ]
+        print(json.dumps(out, indent=2))
+        return
+    for q, hits in zip(queries, results, strict=True):
+        print(f"query: {q}")
+        print(f"  {'rank':>4}  {'similarity':>10}  uri")
+        for h in hits:
+            print(f"  {h.rank:>4}  {h.similarity:>10.4f}  {h.uri}")
+
+
+def _print_stage_summary(records: dict[str, dict[str, Any]]) -> None:
+    print(f"{'stage':<8} {'seconds':>8}  summary")
+    for stage, rec in records.items():
+        if stage == "embed":
+            detail = (
+                f"listed {rec['listed']}, embedded {rec['embedded']}, failed {rec['failed']}, "
+                f"{rec['images_per_second'] or '-'} img/s"
+            )
+        elif stage == "cluster":
+            detail = f"k={rec['k']}, sizes {rec['cluster_sizes']}"
+        elif stage == "graph":
+            detail = f"k={rec['k']} {rec['method']}, {rec['rows']} rows"
+        else:
+            detail = f"{rec['type']} {rec['metric']}, {rec['count']} vectors"
+        print(f"{stage:<8} {rec['seconds']:>8.1f}  {detail}")
+
+
+def _print_demo(summary: dict[str, Any]) -> None:
+    embed = summary["stages"]["embed"]
+    print(f"demo images: {summary['images_dir']} ({summary['classes']} classes)")
+    print(f"run directory: {summary['run_dir']}")
+    _print_stage_summary(summary["stages"])
+    sizes = ", ".join(f"{c}:{n}" for c, n in summary["cluster_sizes"].items())
+    print(f"cluster sizes: {sizes}")
+    m = summary["metrics"]
+    print(
+        f"k-means vs true classes: NMI {m['nmi']:.3f}  ARI {m['ari']:.3f}  ACC {m['acc']:.3f}  "
+        f"(n={m['n']}; {embed['failed']} unusable files are in failures/)"
+    )
+    print(f"search for {summary['query']}:")
+    for h in summary["hits"]:
+        print(f"  {h['rank']:>2}  {h['similarity']:.4f}  {h['uri']}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(getattr(args, "verbose", False))
+    try:
+        return _dispatch(args)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"semclust: error: {exc}", file=sys.stderr)
+        return 2
+    except RuntimeError as exc:
+        print(f"semclust: failed: {exc}", file=sys.stderr)
+        return 1
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    from semclust import runner
+
+    if args.command == "demo" or (
+        args.command == "run" and not args.run_dir and not _has_input(args)
+    ):
+        from semclust.demo import run_demo
+
+        summary = run_demo(
+            getattr(args, "out", "semclust-demo"),
+            per_class=getattr(args, "per_class", 20),
+            weights=getattr(args, "weights", None) or "default",
+            num_cpus=args.num_cpus,
+        )
+        if getattr(args, "json", False):
+            print(json.dumps(summary, indent=2, default=str))
+        else:
+            _print_demo(summary)
+        return 0
+    if args.command == "search":
+        from semclust.index.search import SearchIndex, expand_queries
+
+        queries = expand_queries(args.image)
+        results = SearchIndex(args.run_dir).search_images(queries, args.k)
+        _print_hits(queries, results, args.json)
+        return 0
+    cfg = config_from_args(args)
+    if args.command == "evaluate":
+        from semclust.evaluate import evaluate_run
+
+        print(json.dumps(evaluate_run(cfg.run_dir, args.truth), indent=2))
+        return 0
+    if args.command == "run":
+        records = runner.run_all(cfg)
+    else:
+        records = {args.command: runner.stage_function(args.command)(cfg)}
+    _print_stage_summary(records)
+    print(f"run directory: {cfg.run_dir}")
+    return 0
+
+
+def _has_input(args: argparse.Namespace) -> bool:
+    if getattr(args, "input", None):
+        return True
+    if getattr(args, "config", None):
+        from semclust.config import load_config
+
+        return bool(load_config(args.config).embed.input)
+    return any(s.startswith("embed.input=") for s in getattr(args, "set", []))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,50 @@
+"""Connecting to Ray and choosing CPU or GPU at run time."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from semclust.config import RayConfig
+
+log = logging.getLogger(__name__)
+
+
+def ensure_ray(cfg: RayConfig) -> None:
+    """Join the configured cluster or RAY_ADDRESS (set by ``ray job submit``), else start Ray."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    address = cfg.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        log.info("joined Ray cluster at %s", address)
+        return
+    ray.init(num_cpus=cfg.num_cpus, include_dashboard=False, log_to_driver=True)
+    log.info("started a local Ray with %s CPUs", ray.cluster_resources().get("CPU"))
+
+
+def cluster_has_gpus() -> bool:
+    import ray
+
+    return ray.cluster_resources().get("GPU", 0) > 0
+
+
+def use_gpu(device: str) -> bool:
+    """Resolve ``auto|cpu|gpu`` against the cluster; asking for a GPU that is not there fails."""
+    if device == "cpu":
+        return False
+    has = cluster_has_gpus()
+    if device == "gpu" and not has:
+        raise RuntimeError("device=gpu was asked for but the Ray cluster reports no GPU")
+    return has
+
+
+def local_faiss_gpus() -> int:
+    """GPUs FAISS can use in this process (0 with faiss-cpu)."""
+    import faiss
+
+    get = getattr(faiss, "get_num_gpus", None)
+    return int(get()) if get is not None else 0

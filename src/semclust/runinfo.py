@@ -1,0 +1,76 @@
+"""The run directory's ``run.json``: resolved config, versions, per-stage counts and timings."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import platform
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from semclust import storage
+
+log = logging.getLogger(__name__)
+
+_VERSIONED = (
+    "semclust",
+    "ray",
+    "tensorflow",
+    "keras",
+    "faiss-cpu",
+    "faiss-gpu-cu12",
+    "numpy",
+    "pyarrow",
+    "scikit-learn",
+    "pillow",
+)
+
+# Folders each stage writes, in pipeline order; overwriting a stage clears what follows it.
+STAGE_OUTPUTS: dict[str, tuple[str, ...]] = {
+    "embed": ("embeddings", "failures"),
+    "cluster": ("model", "assignments"),
+    "graph": ("knn",),
+    "index": ("index",),
+}
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in _VERSIONED:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def run_json_uri(run_dir: str) -> str:
+    return storage.join(run_dir, "run.json")
+
+
+def load(run_dir: str) -> dict[str, Any]:
+    uri = run_json_uri(run_dir)
+    return storage.read_json(uri) if storage.exists(uri) else {}
+
+
+def update_stage(run_dir: str, stage: str, record: dict[str, Any], config: dict[str, Any]) -> None:
+    """Merge one stage's record into run.json (the driver is the only writer)."""
+    info = load(run_dir)
+    info["config"] = config
+    info["versions"] = package_versions()
+    info.setdefault("stages", {})[stage] = record
+    storage.write_json(run_json_uri(run_dir), info)
+
+
+@contextmanager
+def timed(label: str) -> Iterator[dict[str, float]]:
+    """Time a block; the dict gets ``seconds`` when the block ends."""
+    out: dict[str, float] = {}
+    start = time.perf_counter()
+    try:
+        yield out
+    finally:
+        out["seconds"] = round(time.perf_counter() - start, 3)
+        log.info("%s took %.1f s", label, out["seconds"])
