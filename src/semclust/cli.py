@@ -185,7 +185,7 @@ def _setup_logging(verbose: bool) -> None:
         datefmt="%H:%M:%S",
         stream=sys.stderr,
     )
-    for noisy in ("ray", "absl", "tensorflow", "h5py"):
+    for noisy in ("ray", "absl", "tensorflow", "h5py", "faiss"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 

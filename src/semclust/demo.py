@@ -127,6 +127,8 @@ def run_demo(
             "embed.weights": weights,
             "embed.rows_per_part": 100,
             "cluster.k": len(counts),
+            # A few restarts cost well under a second here and avoid a merged pair of classes.
+            "cluster.nredo": 5,
             "graph.k": 10,
         },
     )

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Installs everything the tests need, then runs them: the README's test command and .ci/run.
+#   - Python packages: semclust with its `test` extra, into ./.venv (created if missing)
+#   - Debian packages (only when run as root with apt-get): chromium for the report's browser test
+# Extra arguments go to pytest, e.g. `bash tools/test.sh tests/test_config.py -x`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -m pip install -q -e ".[test]"
+
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  missing=()
+  command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+  if [ ${#missing[@]} -gt 0 ]; then
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  fi
+fi
+
+export TF_CPP_MIN_LOG_LEVEL=2 RAY_AUTH_MODE=disabled
+exec .venv/bin/python -m pytest -m "not gpu" -p no:cacheprovider "$@"
