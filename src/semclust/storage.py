@@ -7,12 +7,14 @@ reader never sees half a shard on either.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
 import posixpath
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -49,16 +51,78 @@ def canonical_uri(path_or_uri: str) -> str:
     return "file://" + str(Path(path_or_uri).expanduser().resolve())
 
 
+@dataclass(frozen=True)
+class S3Options:
+    """How to reach S3 or an S3-compatible store. Credentials are never part of it: they come
+    from the standard AWS chain (environment, shared profile files, instance identity)."""
+
+    endpoint_url: str | None = None  # e.g. http://127.0.0.1:8333 for a local store
+    region: str | None = None
+    profile: str | None = None
+    anonymous: bool = False
+
+
+def s3_options_from_env() -> S3Options:
+    """The standard AWS variables AWS_ENDPOINT_URL(_S3) and AWS_REGION (AWS_PROFILE and the
+    credentials are read by pyarrow's own AWS chain)."""
+    return S3Options(
+        endpoint_url=os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL"),
+        region=os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION"),
+    )
+
+
+_s3_options = s3_options_from_env()
+
+
+def configure_s3(options: S3Options) -> None:
+    """Set this process's S3 options; the filesystem is rebuilt on next use (new credentials are
+    picked up too)."""
+    global _s3_options
+    _s3_options = options
+    _s3_filesystem.cache_clear()
+
+
+def s3_options() -> S3Options:
+    return _s3_options
+
+
+def _aws_credentials(profile: str) -> tuple[str, str, str | None] | None:
+    """A named profile's credentials via botocore, so profiles and SSO work as in the AWS CLI."""
+    import botocore.session
+
+    session = botocore.session.Session(profile=profile)
+    creds = session.get_credentials()
+    if creds is None:
+        return None
+    frozen = creds.get_frozen_credentials()
+    return frozen.access_key, frozen.secret_key, frozen.token
+
+
+@functools.lru_cache(maxsize=4)
 def _s3_filesystem() -> pafs.FileSystem:
-    # The standard AWS variables (and AWS_ENDPOINT_URL for S3-compatible stores) configure it.
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    opts = _s3_options
+    endpoint = (
+        opts.endpoint_url
+        or os.environ.get("AWS_ENDPOINT_URL_S3")
+        or os.environ.get("AWS_ENDPOINT_URL")
+    )
     kwargs: dict[str, Any] = {}
     if endpoint:
         parsed = urlparse(endpoint)
         kwargs["endpoint_override"] = parsed.netloc or parsed.path
         kwargs["scheme"] = parsed.scheme or "https"
-    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
-    kwargs["region"] = region or "us-east-1"
+    kwargs["region"] = opts.region or "us-east-1"
+    if opts.anonymous:
+        kwargs["anonymous"] = True
+    elif opts.profile:
+        # pyarrow has no profile argument; botocore resolves it as the AWS CLI would. Without a
+        # profile, pyarrow's own default chain is used, which refreshes temporary credentials.
+        creds = _aws_credentials(opts.profile)
+        if creds is None:
+            raise ValueError(f"AWS profile {opts.profile!r} has no credentials")
+        kwargs["access_key"], kwargs["secret_key"], token = creds
+        if token:
+            kwargs["session_token"] = token
     return pafs.S3FileSystem(**kwargs)
 
 
@@ -70,6 +134,62 @@ def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
     if parsed.scheme in ("gs", "gcs"):
         return pafs.GcsFileSystem(), f"{parsed.netloc}{parsed.path}".rstrip("/")
     return pafs.LocalFileSystem(), canonical_uri(uri)[len("file://") :]
+
+
+_ACCESS_HINTS = (
+    ("SIGNATURE_DOES_NOT_MATCH", "the secret key is wrong"),
+    ("SignatureDoesNotMatch", "the secret key is wrong"),
+    ("INVALID_ACCESS_KEY_ID", "the access key id is unknown"),
+    ("InvalidAccessKeyId", "the access key id is unknown"),
+    ("ACCESS_DENIED", "access is denied"),
+    ("AccessDenied", "access is denied"),
+    ("NO_SUCH_BUCKET", "the bucket does not exist"),
+    ("NoSuchBucket", "the bucket does not exist"),
+)
+
+
+def explain_access_error(uri: str, exc: BaseException) -> ValueError:
+    """A clear, credential-free error for a failed object-storage access."""
+    text = str(exc)
+    reason = next((hint for code, hint in _ACCESS_HINTS if code in text), None)
+    if reason is None:
+        reason = f"{type(exc).__name__}: {redact(text)}"
+    return ValueError(
+        f"cannot access {uri}: {reason}. Check the credentials (AWS_ACCESS_KEY_ID / "
+        "AWS_SECRET_ACCESS_KEY, AWS_PROFILE or the instance role) and the endpoint/region settings"
+    )
+
+
+def redact(text: str) -> str:
+    """Remove any credential of the current AWS chain from a message."""
+    for name in ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID"):
+        value = os.environ.get(name)
+        if value and len(value) >= 4:
+            text = text.replace(value, "***")
+    return text
+
+
+def check_access(uri: str, *, must_exist: bool) -> None:
+    """Fail at once, with a clear message, when a location cannot be reached.
+
+    For object storage the bucket must exist and the credentials must be accepted; with
+    ``must_exist`` the URI itself must exist too (an input), otherwise it may be created (a run
+    directory).
+    """
+    fs, path = resolve(uri)
+    try:
+        # One cheap request; a wrong key or a missing permission fails it with a 403.
+        info = fs.get_file_info(path)
+        if is_remote(uri) and info.type == pafs.FileType.NotFound:
+            bucket = path.split("/", 1)[0]
+            if fs.get_file_info(bucket).type == pafs.FileType.NotFound:
+                raise ValueError(f"cannot access {uri}: bucket {bucket!r} does not exist")
+    except ValueError:
+        raise
+    except OSError as exc:
+        raise explain_access_error(uri, exc) from None
+    if must_exist and info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"input {uri!r} does not exist")
 
 
 def join(base: str, *parts: str) -> str:

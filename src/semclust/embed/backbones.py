@@ -163,8 +163,11 @@ class Embedder:
         seed: int = 0,
         keras_backend: str = "tensorflow",
     ) -> None:
+        from semclust.embed.weights import local_weights
+
         configure_keras_backend(keras_backend)
         self.spec = get_backbone(backbone)
+        weights = local_weights(weights)
         self.input_size = input_size or self.spec.input_size
         self.batch_size = batch_size
         self.normalize = normalize

@@ -22,13 +22,14 @@ import pyarrow.compute as pc
 from semclust import runinfo, storage
 from semclust.config import EmbedConfig, RunConfig
 from semclust.embed.backbones import get_backbone
-from semclust.embed.decode import decode_batch, is_image_candidate
+from semclust.embed.decode import decode_batch
+from semclust.embed.sources import list_images as list_images  # re-exported for callers
+from semclust.embed.sources import list_inputs, read_image_bytes
 
 log = logging.getLogger(__name__)
 
 EMBEDDINGS_DIR = "embeddings"
 FAILURES_DIR = "failures"
-_SNIFF_BYTES = 64
 _READ_THREADS = 8  # object-store reads are latency-bound; overlap them within a batch
 
 FAILURES_SCHEMA = pa.schema([("uri", pa.string()), ("stage", pa.string()), ("error", pa.string())])
@@ -44,33 +45,6 @@ def embeddings_schema(dim: int) -> pa.Schema:
             ("height", pa.int32()),
         ]
     )
-
-
-@dataclass(frozen=True)
-class Listing:
-    uris: list[str]  # sorted image URIs
-    skipped: int  # files that are not images (by extension and content)
-
-
-def list_images(input_uri: str) -> Listing:
-    """Every image under a folder/prefix (recursively), by extension or, failing that, content."""
-    uris: list[str] = []
-    skipped = 0
-    for uri, size in storage.list_files(input_uri):
-        if is_image_candidate(uri):
-            uris.append(uri)
-            continue
-        head = b""
-        if size > 0:
-            fs, path = storage.resolve(uri)
-            with fs.open_input_stream(path) as f:
-                head = f.read(_SNIFF_BYTES)
-        if is_image_candidate(uri, head):
-            uris.append(uri)
-        else:
-            skipped += 1
-    uris.sort()
-    return Listing(uris, skipped)
 
 
 @dataclass(frozen=True)
@@ -114,20 +88,27 @@ class EmbedderSpec:
         )
 
 
-def _read_one(uri: str) -> tuple[bytes | None, str]:
+def _read_one(item: tuple[str, int, int]) -> tuple[bytes | None, str]:
     try:
-        return storage.read_bytes(uri), ""
+        return read_image_bytes(*item), ""
     except Exception as exc:  # any read problem is this image's failure row, not the batch's
         return None, f"read failed: {type(exc).__name__}: {exc}"
 
 
 def decode_stage(
-    batch: dict[str, np.ndarray], size: int, resize: str, max_pixels: int
+    batch: dict[str, np.ndarray],
+    size: int,
+    resize: str,
+    max_pixels: int,
+    s3: storage.S3Options | None = None,
 ) -> dict[str, np.ndarray]:
     """Ray Data CPU task: read bytes and decode a batch of URIs into fixed-size uint8 pixels."""
+    if s3 is not None and s3 != storage.s3_options():
+        storage.configure_s3(s3)
     uris = [str(u) for u in batch["uri"]]
+    items = list(zip(uris, batch["offset"].tolist(), batch["size"].tolist(), strict=True))
     with ThreadPoolExecutor(min(_READ_THREADS, max(1, len(uris)))) as pool:
-        reads = list(pool.map(_read_one, uris))
+        reads = list(pool.map(_read_one, items))
     blobs = [b for b, _ in reads]
     pixels, widths, heights, decode_errors = decode_batch(blobs, size, resize, max_pixels)
     errors = np.empty(len(uris), dtype=object)
@@ -331,9 +312,11 @@ def prepare_run_dir(run_dir: str, mode: str, first_stage: str) -> None:
 
 def _validate_weights(ec: EmbedConfig) -> None:
     # Fail on the driver, before any actor starts, when a weights file is simply missing.
-    if ec.weights in ("imagenet", "random", "default") or storage.is_remote(ec.weights):
+    if ec.weights in ("imagenet", "random", "default"):
         return
-    if not storage.exists(ec.weights):
+    if storage.is_remote(ec.weights):
+        storage.check_access(ec.weights, must_exist=True)
+    elif not storage.exists(ec.weights):
         raise ValueError(
             f"embed.weights={ec.weights!r} is not 'imagenet', 'random', 'default' or an existing "
             "file"
@@ -352,8 +335,9 @@ def run_embed(cfg: RunConfig) -> dict[str, Any]:
     if not ec.input:
         raise ValueError("the embed stage needs an input: pass a folder, file:// or s3:// URI")
     _validate_weights(ec)
+    storage.check_access(run_dir, must_exist=False)
     start = time.perf_counter()
-    listing = list_images(ec.input)
+    listing = list_inputs(ec.input)
     if not listing.uris:
         raise ValueError(
             f"no images found under {ec.input!r} ({listing.skipped} non-image files skipped)"
@@ -364,24 +348,25 @@ def run_embed(cfg: RunConfig) -> dict[str, Any]:
     runinfo.update_stage(run_dir, "embed", {"status": "running"}, cfg.to_dict())
     done, next_part = committed_state(run_dir)
     listed_ids = {storage.image_id_for(u) for u in listing.uris}
-    pending = [u for u in listing.uris if storage.image_id_for(u) not in done]
+    todo = [i for i, u in enumerate(listing.uris) if storage.image_id_for(u) not in done]
     log.info(
         "embed: %d images listed, %d already committed, %d to do",
         len(listing.uris),
-        len(listing.uris) - len(pending),
-        len(pending),
+        len(listing.uris) - len(todo),
+        len(todo),
     )
     spec = EmbedderSpec.from_config(ec)
     dim = get_backbone(ec.backbone).dim
     processed = 0
-    if pending:
+    if todo:
         ensure_ray(cfg.ray)
         gpu = use_gpu(ec.device)
-        parts = np.arange(len(pending)) // ec.rows_per_part + next_part
+        parts = np.arange(len(todo)) // ec.rows_per_part + next_part
         expected = {
             int(p): int(c) for p, c in zip(*np.unique(parts, return_counts=True), strict=True)
         }
-        table = pa.table({"uri": pa.array(pending, pa.string()), "part": pa.array(parts)})
+        table = listing.table().take(pa.array(todo, pa.int64()))
+        table = table.append_column("part", pa.array(parts))
         block_rows = ec.decode_batch_size * 4
         blocks = [table.slice(i, block_rows) for i in range(0, table.num_rows, block_rows)]
         ds = ray.data.from_arrow(blocks)
@@ -391,6 +376,7 @@ def run_embed(cfg: RunConfig) -> dict[str, Any]:
                 "size": spec.input_size,
                 "resize": spec.resize,
                 "max_pixels": ec.max_image_pixels,
+                "s3": storage.s3_options(),
             },
             batch_size=ec.decode_batch_size,
             batch_format="numpy",
@@ -433,6 +419,7 @@ def run_embed(cfg: RunConfig) -> dict[str, Any]:
         "embedded": counts["embedded"],
         "failed": counts["failed"],
         "skipped_non_image": listing.skipped,
+        "duplicate_uris": listing.duplicates,
         "stale_rows": counts["stale"],
         "processed_this_run": processed,
         "dim": dim,

@@ -1,0 +1,63 @@
+"""storage.py against a real S3 server (SeaweedFS on 127.0.0.1)."""
+
+from __future__ import annotations
+
+import os
+
+import pyarrow as pa
+import pytest
+
+from semclust import storage
+
+
+@pytest.fixture(autouse=True)
+def _fresh_s3_options():
+    storage.configure_s3(storage.s3_options_from_env())
+    yield
+    storage.configure_s3(storage.s3_options_from_env())
+
+
+def test_parquet_and_bytes_round_trip(s3_bucket):
+    table = pa.table({"x": [1, 2, 3]})
+    storage.write_parquet(f"s3://{s3_bucket}/run/embeddings/part-00000.parquet", table)
+    storage.write_bytes(f"s3://{s3_bucket}/run/model/a.bin", b"abc")
+    storage.write_json(f"s3://{s3_bucket}/run/run.json", {"k": 1})
+    assert storage.read_parquet(f"s3://{s3_bucket}/run/embeddings/part-00000.parquet").equals(table)
+    assert storage.read_bytes(f"s3://{s3_bucket}/run/model/a.bin") == b"abc"
+    assert storage.read_json(f"s3://{s3_bucket}/run/run.json") == {"k": 1}
+    assert storage.list_shards(f"s3://{s3_bucket}/run/embeddings") == [
+        f"s3://{s3_bucket}/run/embeddings/part-00000.parquet"
+    ]
+    files = sorted(u for u, _ in storage.list_files(f"s3://{s3_bucket}/run"))
+    assert files == [
+        f"s3://{s3_bucket}/run/embeddings/part-00000.parquet",
+        f"s3://{s3_bucket}/run/model/a.bin",
+        f"s3://{s3_bucket}/run/run.json",
+    ]
+
+
+def test_endpoint_from_options_not_only_env(s3_server, s3_bucket, monkeypatch):
+    monkeypatch.delenv("AWS_ENDPOINT_URL")
+    storage.configure_s3(storage.S3Options(endpoint_url=s3_server.endpoint, region="us-east-1"))
+    storage.write_bytes(f"s3://{s3_bucket}/a.txt", b"hi")
+    assert storage.read_bytes(f"s3://{s3_bucket}/a.txt") == b"hi"
+
+
+def test_wrong_secret_fails_at_once_without_leaking_it(s3_bucket, monkeypatch):
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "definitely-not-the-secret")
+    storage.configure_s3(storage.s3_options_from_env())
+    with pytest.raises(ValueError) as err:
+        storage.check_access(f"s3://{s3_bucket}/images", must_exist=False)
+    message = str(err.value)
+    assert message.startswith(f"cannot access s3://{s3_bucket}/images:")
+    assert "Check the credentials" in message
+    assert "definitely-not-the-secret" not in message
+    assert os.environ["AWS_ACCESS_KEY_ID"] not in message
+
+
+def test_missing_bucket_and_missing_prefix(s3_bucket):
+    with pytest.raises(ValueError, match="bucket 'no-such-bucket-here' does not exist"):
+        storage.check_access("s3://no-such-bucket-here/runs/r1", must_exist=False)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        storage.check_access(f"s3://{s3_bucket}/not/there", must_exist=True)
+    storage.check_access(f"s3://{s3_bucket}/new/run", must_exist=False)  # may be created
