@@ -30,7 +30,10 @@ def _weights_for(backbone: str) -> str:
     return "default" if backbone == "efficientnet_lite0" else "random"
 
 
-def bench_backbone(backbone: str, images: Path, n: int, batch: int, naive_n: int) -> dict:
+def bench_backbone(
+    backbone: str, images: Path, source: str, n: int, batch: int, naive_n: int
+) -> dict:
+    """``source`` is the URI the pipeline reads (the local folder or its copy on S3)."""
     from semclust.config import load_config
     from semclust.embed.backbones import Embedder
     from semclust.embed.decode import decode_batch
@@ -43,7 +46,8 @@ def bench_backbone(backbone: str, images: Path, n: int, batch: int, naive_n: int
         {
             "run_dir": str(run_dir),
             "mode": "overwrite",
-            "embed.input": str(images),
+            "embed.rows_per_part": 10_000,
+            "embed.input": source,
             "embed.backbone": backbone,
             "embed.weights": weights,
             "embed.batch_size": batch,
@@ -76,6 +80,7 @@ def bench_backbone(backbone: str, images: Path, n: int, batch: int, naive_n: int
     return {
         "backbone": backbone,
         "weights": weights,
+        "source": source.split("://", 1)[0] if "://" in source else "local",
         "images": n,
         "batch_size": batch,
         "pipeline_images_per_s": round(a, 2),
@@ -96,6 +101,12 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--naive", type=int, default=64, help="images for the per-image loop")
     p.add_argument("--num-cpus", type=int, default=2)
+    p.add_argument(
+        "--source",
+        choices=["local", "s3"],
+        default="local",
+        help="read images from local disk, or from a SeaweedFS S3 server started on 127.0.0.1",
+    )
     args = p.parse_args()
 
     import ray
@@ -107,16 +118,49 @@ def main() -> None:
     build_demo_images(images, per_class=max(1, args.images // 12), seed=1)
     shutil.rmtree(images / "_unusable")  # only decodable images, so (a) and (b) see the same
     n = sum(1 for f in images.rglob("*") if f.is_file() and f.suffix != ".txt")
+    server = None
+    source = str(images)
+    if args.source == "s3":
+        server, source = _images_on_s3(images, workdir)
     ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
     try:
         for backbone in args.backbones:
-            result = bench_backbone(backbone, images, n, args.batch_size, args.naive)
+            result = bench_backbone(backbone, images, source, n, args.batch_size, args.naive)
             result["date"] = time.strftime("%Y-%m-%d")
             result["cpus"] = args.num_cpus
             print(json.dumps(result), flush=True)
     finally:
         ray.shutdown()
+        if server is not None:
+            server.stop()
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _images_on_s3(images: Path, workdir: Path) -> tuple[object, str]:
+    """Start SeaweedFS on loopback (tests/s3server.py), upload the images, point AWS_* at it."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from tests.s3server import ACCESS_KEY, SECRET_KEY, start_s3_server
+
+    server = start_s3_server(workdir / "s3")
+    os.environ.update(
+        AWS_ACCESS_KEY_ID=ACCESS_KEY,
+        AWS_SECRET_ACCESS_KEY=SECRET_KEY,
+        AWS_ENDPOINT_URL=server.endpoint,
+        AWS_REGION="us-east-1",
+    )
+    from semclust import storage
+
+    storage.configure_s3(storage.s3_options_from_env())
+    client = server.client()
+    client.create_bucket(Bucket="bench")
+    for path in sorted(images.rglob("*")):
+        if path.is_file():
+            client.put_object(
+                Bucket="bench", Key=f"images/{path.relative_to(images)}", Body=path.read_bytes()
+            )
+    return server, "s3://bench/images/"
 
 
 if __name__ == "__main__":

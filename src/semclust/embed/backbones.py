@@ -146,11 +146,35 @@ def build_embedding_model(
     return keras.Model(inputs, features, name=f"{name}_uint8")
 
 
+PRECISIONS = ("auto", "float32", "mixed")
+
+
+def _configure_tensorflow(threads: int | None) -> bool:
+    """Thread counts on CPU, memory growth on GPU; returns whether TF sees a GPU.
+
+    Must run before TF executes its first op, so it happens before the model is built.
+    """
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU")
+    try:
+        for gpu in gpus:
+            tf.config.experimental.set_memory_growth(gpu, True)
+        if threads:
+            tf.config.threading.set_intra_op_parallelism_threads(threads)
+            tf.config.threading.set_inter_op_parallelism_threads(min(2, threads))
+    except RuntimeError as exc:  # TF already initialised in this process: keep its settings
+        log.debug("TensorFlow already initialised, threading unchanged: %s", exc)
+    return bool(gpus)
+
+
 class Embedder:
     """One backbone model and its batched call; built once per actor (or per search process).
 
     ``embed(pixels)`` takes uint8 (N, S, S, 3) and returns float32 (N, D); batches smaller than
-    ``batch_size`` are padded so the compiled graph is traced once.
+    ``batch_size`` are padded so the compiled graph is traced once. ``precision="auto"`` uses
+    mixed float16 (Keras' dtype policy) on a GPU and float32 on CPU; ``xla`` compiles the
+    TensorFlow call with XLA (``None``: on GPU only).
     """
 
     def __init__(
@@ -162,17 +186,40 @@ class Embedder:
         normalize: bool = True,
         seed: int = 0,
         keras_backend: str = "tensorflow",
+        threads: int | None = None,
+        precision: str = "auto",
+        xla: bool | None = None,
     ) -> None:
         from semclust.embed.weights import local_weights
 
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision={precision!r}; choose one of {', '.join(PRECISIONS)}")
         configure_keras_backend(keras_backend)
         self.spec = get_backbone(backbone)
         weights = local_weights(weights)
+        on_gpu = _configure_tensorflow(threads) if keras_backend == "tensorflow" else False
+        import keras
+
+        mixed = precision == "mixed" or (precision == "auto" and on_gpu)
+        keras.config.set_dtype_policy("mixed_float16" if mixed else "float32")
         self.input_size = input_size or self.spec.input_size
         self.batch_size = batch_size
         self.normalize = normalize
         self.model = build_embedding_model(backbone, weights, self.input_size, seed)
         self.dim = int(self.model.output_shape[-1])
+        self._call = self.model.predict_on_batch
+        if keras_backend == "tensorflow" and (xla if xla is not None else on_gpu):
+            import tensorflow as tf
+
+            compiled = tf.function(lambda x: self.model(x, training=False), jit_compile=True)
+            self._call = lambda x: compiled(x).numpy()
+        log.info(
+            "embedder %s: dim %d, %s, %s",
+            backbone,
+            self.dim,
+            "GPU" if on_gpu else "CPU",
+            "mixed float16" if mixed else "float32",
+        )
 
     def embed(self, pixels: Any) -> Any:
         import numpy as np
@@ -186,7 +233,7 @@ class Embedder:
             if m < self.batch_size:
                 pad = np.zeros((self.batch_size - m, *chunk.shape[1:]), dtype=np.uint8)
                 chunk = np.concatenate([chunk, pad])
-            feats = np.asarray(self.model.predict_on_batch(chunk), dtype=np.float32)[:m]
+            feats = np.asarray(self._call(chunk), dtype=np.float32)[:m]
             out[start : start + m] = feats
         if self.normalize:
             norms = np.linalg.norm(out, axis=1, keepdims=True)

@@ -59,6 +59,9 @@ class EmbedderSpec:
     normalize: bool
     seed: int
     keras_backend: str
+    threads: int | None = None  # TensorFlow intra-op threads on CPU; None: TF's default
+    precision: str = "auto"  # auto: mixed float16 on GPU, float32 on CPU
+    xla: bool | None = None  # None: XLA on GPU only
 
     @classmethod
     def from_config(cls, ec: EmbedConfig) -> EmbedderSpec:
@@ -85,6 +88,9 @@ class EmbedderSpec:
             normalize=self.normalize,
             seed=self.seed,
             keras_backend=self.keras_backend,
+            threads=self.threads,
+            precision=self.precision,
+            xla=self.xla,
         )
 
 
@@ -92,7 +98,7 @@ def _read_one(item: tuple[str, int, int]) -> tuple[bytes | None, str]:
     try:
         return read_image_bytes(*item), ""
     except Exception as exc:  # any read problem is this image's failure row, not the batch's
-        return None, f"read failed: {type(exc).__name__}: {exc}"
+        return None, f"read failed: {type(exc).__name__}: {storage.redact(str(exc))}"
 
 
 def decode_stage(
@@ -134,7 +140,9 @@ def decode_stage(
 class EmbedActor:
     """Ray Data actor: builds the backbone once, then one model call per batch."""
 
-    def __init__(self, spec: EmbedderSpec) -> None:
+    def __init__(self, spec: EmbedderSpec, s3: storage.S3Options | None = None) -> None:
+        if s3 is not None:  # weights may live in object storage
+            storage.configure_s3(s3)
         self.embedder = spec.build()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -384,7 +392,7 @@ def run_embed(cfg: RunConfig) -> dict[str, Any]:
         )
         ds = ds.map_batches(
             EmbedActor,
-            fn_constructor_kwargs={"spec": spec},
+            fn_constructor_kwargs={"spec": spec, "s3": storage.s3_options()},
             batch_size=ec.batch_size,
             batch_format="numpy",
             compute=ActorPoolStrategy(
