@@ -58,3 +58,19 @@ def test_list_files_skips_hidden_and_reports_missing(tmp_path):
     assert files == [f"file://{tmp_path}/a/x.jpg"]
     with pytest.raises(FileNotFoundError, match="does not exist"):
         list(storage.list_files(str(tmp_path / "missing")))
+
+
+def test_run_json_keeps_other_stages_settings(tmp_path):
+    from semclust import runinfo
+    from semclust.config import load_config
+
+    run = str(tmp_path / "run")
+    embed_cfg = load_config(None, {"embed.backbone": "efficientnet_lite0", "embed.input": "/x"})
+    runinfo.update_stage(run, "embed", {"listed": 3}, embed_cfg.to_dict())
+    cluster_cfg = load_config(None, {"cluster.k": 7})  # embed section at its defaults
+    runinfo.update_stage(run, "cluster", {"k": 7}, cluster_cfg.to_dict())
+    info = runinfo.load(run)
+    assert info["config"]["embed"]["backbone"] == "efficientnet_lite0"
+    assert info["config"]["embed"]["input"] == "/x"
+    assert info["config"]["cluster"]["k"] == 7
+    assert info["stages"] == {"embed": {"listed": 3}, "cluster": {"k": 7}}

@@ -56,9 +56,17 @@ def load(run_dir: str) -> dict[str, Any]:
 
 
 def update_stage(run_dir: str, stage: str, record: dict[str, Any], config: dict[str, Any]) -> None:
-    """Merge one stage's record into run.json (the driver is the only writer)."""
+    """Merge one stage's record into run.json (the driver is the only writer).
+
+    Only the stage's own config section (and the top-level settings) is replaced: a later
+    ``semclust cluster`` must not overwrite the embed settings that a resume is checked against.
+    """
     info = load(run_dir)
-    info["config"] = config
+    merged = dict(info.get("config", {}))
+    for key, value in config.items():
+        if key == stage or not isinstance(value, dict) or key not in merged:
+            merged[key] = value
+    info["config"] = merged
     info["versions"] = package_versions()
     info.setdefault("stages", {})[stage] = record
     storage.write_json(run_json_uri(run_dir), info)
