@@ -209,6 +209,9 @@ def test_killed_job_resumes_without_repeating_or_losing_an_image(s3_server, s3_b
         "10",
         "--batch-size",
         "5",
+        # Small input blocks, so rows come back (and parts commit) a few at a time.
+        "--set",
+        "embed.decode_batch_size=5",
         "--num-cpus",
         "2",
     ]
@@ -220,7 +223,7 @@ def test_killed_job_resumes_without_repeating_or_losing_an_image(s3_server, s3_b
         while len(storage.list_shards(f"{run_dir}/embeddings")) < 2:
             assert proc.poll() is None, "the job ended before it could be killed"
             assert time.monotonic() < deadline, "no part committed in time"
-            time.sleep(0.5)
+            time.sleep(0.05)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the whole job: driver, raylet and workers
         proc.wait()
