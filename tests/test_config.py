@@ -4,7 +4,7 @@ import dataclasses
 
 import pytest
 
-from semclust.config import EmbedConfig, RunConfig, load_config, replace
+from semclust.config import EmbedConfig, RunConfig, load_config, parse_bytes, replace
 
 
 def test_defaults_are_valid_and_frozen():
@@ -64,3 +64,52 @@ def test_replace_revalidates():
     with pytest.raises(ValueError):
         replace(cfg, **{"cluster.k": 0})
     assert EmbedConfig().max_actors is None
+
+
+def test_cluster_k_is_an_integer_or_auto():
+    assert load_config(None, {"cluster.k": "auto"}).cluster.k == "auto"
+    assert load_config(None, {"cluster.k": "12"}).cluster.k == 12  # the CLI passes strings
+    for bad, message in (
+        ("many", "an integer >= 2 or 'auto'"),
+        (1, "cluster.k must be >= 2"),
+        ({"x": 1}, "cluster.k must be an integer"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            load_config(None, {"cluster.k": bad})
+    with pytest.raises(ValueError, match=r"cluster\.k_max \(5\) must be >= cluster\.k_min \(10\)"):
+        load_config(None, {"cluster.k_min": 10, "cluster.k_max": 5})
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("8GB", 8 << 30), ("8GiB", 8 << 30), ("512 MB", 512 << 20), ("1.5G", 3 << 29), (4096, 4096)],
+)
+def test_memory_sizes(text, expected):
+    assert parse_bytes(text) == expected
+    assert load_config(None, {"index.memory": text}).index.memory == str(text)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"index.memory": "lots"}, "index.memory='lots' is not a size"),
+        ({"index.memory": "0GB"}, "is not a size"),
+        ({"index.type": "lsh"}, "auto, flat, ivf_flat, ivf_pq, hnsw"),
+        ({"graph.method": "annoy"}, "auto, exact, ivf, hnsw"),
+        ({"cluster.init": "kmeans||"}, "kmeans++, random"),
+        ({"cluster.hierarchical": "yes"}, "auto, on, off"),
+        ({"graph.min_recall": 1.5}, "graph.min_recall must be in [0, 1]"),
+        ({"graph.nprobe": 0}, "graph.nprobe must be > 0"),
+        ({"cluster.pca_dim": 0}, "cluster.pca_dim must be > 0"),
+    ],
+)
+def test_stage_values_name_what_is_allowed(overrides, message):
+    with pytest.raises(ValueError) as err:
+        load_config(None, overrides)
+    assert message in str(err.value)
+
+
+def test_none_disables_optional_stage_settings():
+    cfg = load_config(None, {"graph.duplicate_threshold": "none", "graph.min_recall": "null"})
+    assert cfg.graph.duplicate_threshold is None and cfg.graph.min_recall is None
+    assert load_config(None, {"graph.duplicate_threshold": "0.9"}).graph.duplicate_threshold == 0.9

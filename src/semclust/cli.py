@@ -17,6 +17,17 @@ from semclust import __version__
 
 log = logging.getLogger("semclust")
 
+
+def _k_value(text: str) -> int | str:
+    """``--k``: an integer, or ``auto``."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or 'auto', got {text!r}") from None
+
+
 # (flag, dotted config key, type, help) per stage; `run` takes all of them.
 _STAGE_FLAGS: dict[str, list[tuple[str, str, Any, str]]] = {
     "embed": [
@@ -37,19 +48,49 @@ _STAGE_FLAGS: dict[str, list[tuple[str, str, Any, str]]] = {
         ("--keras-backend", "embed.keras_backend", str, "tensorflow | jax | torch"),
     ],
     "cluster": [
-        ("--k", "cluster.k", int, "number of clusters"),
+        ("--k", "cluster.k", _k_value, "number of clusters, or 'auto' (k_min..k_max on a sample)"),
+        ("--k-min", "cluster.k_min", int, "--k auto: smallest k tried (default 2)"),
+        ("--k-max", "cluster.k_max", int, "--k auto: largest k tried (default 50)"),
         ("--niter", "cluster.niter", int, "k-means iterations"),
         ("--nredo", "cluster.nredo", int, "k-means restarts (best objective kept)"),
+        ("--init", "cluster.init", str, "kmeans++ (default, greedy) | random"),
         ("--seed", "cluster.seed", int, "k-means seed"),
+        (
+            "--max-points-per-centroid",
+            "cluster.max_points_per_centroid",
+            int,
+            "training sample: at most this x k rows (default 256)",
+        ),
+        ("--pca-dim", "cluster.pca_dim", int, "cluster on this many principal components"),
+        ("--whiten", "cluster.whiten", bool, "whiten the principal components"),
+        ("--hierarchical", "cluster.hierarchical", str, "two-level k-means: auto | on | off"),
+        ("--assign-actors", "cluster.num_actors", int, "Ray actors assigning rows"),
         ("--cluster-device", "cluster.device", str, "auto | cpu | gpu"),
     ],
     "graph": [
         ("--knn-k", "graph.k", int, "neighbours per image in the kNN graph"),
         ("--metric", "graph.metric", str, "cosine | l2"),
+        ("--graph-method", "graph.method", str, "auto | exact | ivf | hnsw"),
+        ("--graph-nprobe", "graph.nprobe", int, "IVF lists searched per query"),
+        ("--graph-nlist", "graph.nlist", int, "IVF lists (default about 4 sqrt(N))"),
+        ("--fp16", "graph.fp16", bool, "GPU exact graph: store vectors in float16"),
+        ("--min-recall", "graph.min_recall", float, "fail an approximate graph below this"),
+        (
+            "--duplicate-threshold",
+            "graph.duplicate_threshold",
+            str,
+            "edges with similarity >= this form near-duplicate groups (none: skip)",
+        ),
         ("--graph-actors", "graph.num_actors", int, "Ray actors answering kNN queries"),
+        ("--graph-device", "graph.device", str, "auto | cpu | gpu"),
     ],
     "index": [
-        ("--index-type", "index.type", str, "flat"),
+        ("--index-type", "index.type", str, "auto | flat | ivf_flat | ivf_pq | hnsw"),
+        ("--index-memory", "index.memory", str, "memory budget for the index, e.g. 8GB"),
+        ("--index-nlist", "index.nlist", int, "IVF lists (default about 4 sqrt(N))"),
+        ("--index-nprobe", "index.nprobe", int, "default IVF lists searched per query"),
+        ("--pq-m", "index.pq_m", int, "IVF-PQ bytes per vector (default: most that fit)"),
+        ("--index-device", "index.device", str, "auto | cpu | gpu"),
     ],
 }
 
@@ -89,7 +130,10 @@ def _add_stage_flags(p: argparse.ArgumentParser, stages: Sequence[str]) -> None:
     for stage in stages:
         group = p.add_argument_group(f"{stage} options")
         for flag, key, tp, help_text in _STAGE_FLAGS[stage]:
-            group.add_argument(flag, dest=key, type=tp, help=help_text)
+            if tp is bool:
+                group.add_argument(flag, dest=key, action="store_const", const=True, help=help_text)
+            else:
+                group.add_argument(flag, dest=key, type=tp, help=help_text)
     if "embed" in stages:
         p.add_argument(
             "--no-normalize",
@@ -121,8 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     for stage, help_text in (
         ("cluster", "embeddings/ -> model/ and assignments/ (FAISS k-means)"),
-        ("graph", "embeddings/ -> knn/ (exact FAISS kNN graph)"),
-        ("index", "embeddings/ -> index/ (FAISS index + ids.parquet)"),
+        ("graph", "embeddings/ -> knn/ and duplicates/ (FAISS kNN graph, exact or IVF/HNSW)"),
+        ("index", "embeddings/ -> index/ (FAISS index sized to N and --index-memory)"),
     ):
         p = sub.add_parser(stage, help=help_text)
         _add_common(p)
@@ -139,9 +183,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("search", help="nearest images to query images, from a run's index")
     p.add_argument("--run-dir", required=True, help="run directory with an index/")
     p.add_argument(
-        "--image", action="append", required=True, help="query image file, URI or folder (repeat)"
+        "--image",
+        action="append",
+        default=[],
+        help="query image file, URI (s3://...) or folder of images (repeat)",
+    )
+    p.add_argument(
+        "--image-id",
+        action="append",
+        type=int,
+        default=[],
+        help="query by the image_id of an image in the index (repeat)",
     )
     p.add_argument("-k", type=int, default=10, help="results per query (default 10)")
+    p.add_argument("--nprobe", type=int, help="IVF lists searched (default: the index's own)")
+    p.add_argument("--ef-search", type=int, help="HNSW search depth (default: the index's own)")
+    p.add_argument("--backbone", help="refuse the run unless its index holds this backbone")
+    p.add_argument("--device", default="auto", help="auto | cpu | gpu (default auto)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
@@ -216,8 +274,14 @@ def _print_stage_summary(records: dict[str, dict[str, Any]]) -> None:
             detail = f"k={rec['k']}, sizes {rec['cluster_sizes']}"
         elif stage == "graph":
             detail = f"k={rec['k']} {rec['method']}, {rec['rows']} rows"
+            if rec.get("recall"):
+                detail += f", recall@k {rec['recall']['recall_at_k']}"
+            if rec.get("duplicates"):
+                detail += f", {rec['duplicates']['groups']} duplicate groups"
         else:
-            detail = f"{rec['type']} {rec['metric']}, {rec['count']} vectors"
+            detail = f"{rec.get('factory', rec['type'])} {rec['metric']}, {rec['count']} vectors"
+            if rec.get("recall_at_10") is not None:
+                detail += f", recall@10 {rec['recall_at_10']}"
         print(f"{stage:<8} {rec['seconds']:>8.1f}  {detail}")
 
 
@@ -274,8 +338,24 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "search":
         from semclust.index.search import SearchIndex, expand_queries
 
-        queries = expand_queries(args.image)
-        results = SearchIndex(args.run_dir).search_images(queries, args.k)
+        if not args.image and not args.image_id:
+            raise ValueError("search needs a query: pass --image (file, URI, folder) or --image-id")
+        if args.k < 1:
+            raise ValueError(f"-k must be >= 1, got {args.k}")
+        if args.device not in ("auto", "cpu", "gpu"):
+            raise ValueError(f"--device={args.device!r} is not allowed; choose auto, cpu or gpu")
+        images = expand_queries(args.image) if args.image else []
+        index = SearchIndex(
+            args.run_dir,
+            nprobe=args.nprobe,
+            ef_search=args.ef_search,
+            backbone=args.backbone,
+            device=args.device,
+        )
+        results = index.search_images(images, args.k) if images else []
+        if args.image_id:
+            results += index.search_ids(args.image_id, args.k)
+        queries = images + [f"image_id:{i}" for i in args.image_id]
         _print_hits(queries, results, args.json)
         return 0
     cfg = config_from_args(args)

@@ -8,6 +8,7 @@ stops before any work is done.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -21,12 +22,34 @@ MODES = ("resume", "overwrite")
 RESIZE_MODES = ("center_crop", "squash", "pad")
 KERAS_BACKENDS = ("tensorflow", "jax", "torch")
 GRAPH_METRICS = ("cosine", "l2")
-INDEX_TYPES = ("flat",)
+GRAPH_METHODS = ("auto", "exact", "ivf", "hnsw")
+INDEX_TYPES = ("auto", "flat", "ivf_flat", "ivf_pq", "hnsw")
+CLUSTER_INITS = ("kmeans++", "random")
+HIERARCHICAL = ("auto", "on", "off")
+
+_BYTE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+_SIZE_RE = re.compile(r"^(\d+(?:\.\d*)?)\s*([KMGT]?)(?:I?B)?$")
 
 
 def _choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ValueError(f"{name}={value!r} is not allowed; choose one of {', '.join(allowed)}")
+
+
+def parse_bytes(text: str | int, name: str = "size") -> int:
+    """Bytes in a size such as ``8GB``, ``512MiB``, ``1.5G`` or ``1000000``.
+
+    K, M, G and T are binary multiples (``8GB`` and ``8GiB`` are both 8 x 2**30 bytes), as memory
+    sizes are usually meant.
+    """
+    match = _SIZE_RE.match(str(text).strip().upper())
+    value = float(match.group(1)) * _BYTE_UNITS[match.group(2)] if match else 0.0
+    if isinstance(text, bool) or value < 1:
+        raise ValueError(
+            f"{name}={text!r} is not a size; write a positive number with an optional unit, "
+            "e.g. 8GB, 512MB, 1.5G"
+        )
+    return int(value)
 
 
 def _positive(name: str, value: float, *, allow_zero: bool = False) -> None:
@@ -94,53 +117,147 @@ class EmbedConfig:
 
 @dataclass(frozen=True)
 class ClusterConfig:
-    """embeddings/ -> model/ and assignments/ (FAISS k-means)."""
+    """embeddings/ -> model/ and assignments/ (FAISS k-means, trained on a sample)."""
 
-    k: int = 100
+    k: int | str = 100  # an integer >= 2, or "auto" (chosen from k_min..k_max on a sample)
+    k_min: int = 2  # k=auto: smallest k tried
+    k_max: int = 50  # k=auto: largest k tried
+    k_candidates: int = 16  # k=auto: at most this many values of k, spread geometrically
+    k_sample: int = 20_000  # k=auto: rows each candidate is trained on
+    silhouette_sample: int = 4_000  # k=auto: rows the silhouette is computed on
     niter: int = 20
     spherical: bool = True
+    init: str = "kmeans++"
+    nredo: int = 1  # restarts; the best objective is kept
     max_points_per_centroid: int = 256  # training sample is at most this x k rows
-    nredo: int = 1
+    max_sample_memory: str = "4GB"  # and never larger than this (float32 rows)
+    pca_dim: int | None = None  # e.g. 256: k-means runs on the top principal components
+    whiten: bool = False  # scale each principal component to unit variance
+    hierarchical: str = "auto"  # two-level k-means: on, off, or auto (k >= hierarchical_min_k)
+    hierarchical_min_k: int = 10_000
+    assign_nprobe: int = 16  # two-level model on CPU: coarse clusters searched per row
     seed: int = 1234
     device: str = "auto"
-    num_tasks: int | None = None  # parallel assignment tasks; None = one per shard
+    num_actors: int | None = None  # assignment actors; None = one per GPU, else one per CPU
+    actor_num_cpus: float = 1.0
+    train_num_cpus: float | None = None  # training task; None = every CPU of the largest node
 
     def __post_init__(self) -> None:
-        if self.k < 2:
-            raise ValueError(f"cluster.k must be >= 2, got {self.k}")
-        for name in ("niter", "max_points_per_centroid", "nredo"):
+        if self.k != "auto":
+            if isinstance(self.k, (str, bool)):
+                raise ValueError(f"cluster.k must be an integer >= 2 or 'auto', got {self.k!r}")
+            if self.k < 2:
+                raise ValueError(f"cluster.k must be >= 2 (or 'auto'), got {self.k}")
+        if self.k_min < 2:
+            raise ValueError(f"cluster.k_min must be >= 2, got {self.k_min}")
+        if self.k_max < self.k_min:
+            raise ValueError(
+                f"cluster.k_max ({self.k_max}) must be >= cluster.k_min ({self.k_min})"
+            )
+        for name in (
+            "niter",
+            "max_points_per_centroid",
+            "nredo",
+            "k_candidates",
+            "k_sample",
+            "silhouette_sample",
+            "hierarchical_min_k",
+            "assign_nprobe",
+            "actor_num_cpus",
+        ):
             _positive(f"cluster.{name}", getattr(self, name))
+        for name in ("num_actors", "pca_dim", "train_num_cpus"):
+            if getattr(self, name) is not None:
+                _positive(f"cluster.{name}", getattr(self, name))
+        parse_bytes(self.max_sample_memory, "cluster.max_sample_memory")
         _choice("cluster.device", self.device, DEVICES)
+        _choice("cluster.init", self.init, CLUSTER_INITS)
+        _choice("cluster.hierarchical", self.hierarchical, HIERARCHICAL)
 
 
 @dataclass(frozen=True)
 class GraphConfig:
-    """embeddings/ -> knn/ (exact FAISS kNN graph)."""
+    """embeddings/ -> knn/ and duplicates/ (FAISS kNN graph, exact or IVF/HNSW)."""
 
     k: int = 10
     metric: str = "cosine"
-    num_actors: int = 1
+    method: str = "auto"  # exact | ivf | hnsw | auto (exact up to exact_max_rows, else ivf)
+    exact_max_rows: int | None = None  # None: 4,000,000 with a GPU, 200,000 on CPU
+    nlist: int | None = None  # IVF lists; None: about 4 sqrt(N)
+    nprobe: int = 32  # IVF lists visited per query
+    hnsw_m: int = 32
+    ef_construction: int = 80
+    ef_search: int = 128
+    fp16: bool = False  # GPU only: store the exact index's vectors in float16
+    num_actors: int | None = None  # query actors; None = one per GPU, else 1
+    actor_num_cpus: float | None = None  # None: the cluster's CPUs shared among the actors
     query_batch_size: int = 4096
     device: str = "auto"
+    recall_sample: int = 1000  # queries on which an approximate graph is checked against exact
+    min_recall: float | None = 0.9  # an approximate graph below this recall@k fails the stage
+    duplicate_threshold: float | None = 0.97  # edges with similarity >= this join a group
+    max_train_memory: str = "2GB"  # IVF training sample cap (float32 rows)
 
     def __post_init__(self) -> None:
-        _positive("graph.k", self.k)
-        _positive("graph.num_actors", self.num_actors)
-        _positive("graph.query_batch_size", self.query_batch_size)
+        for name in ("k", "nprobe", "hnsw_m", "ef_construction", "ef_search", "query_batch_size"):
+            _positive(f"graph.{name}", getattr(self, name))
+        for name in ("num_actors", "actor_num_cpus", "nlist", "exact_max_rows"):
+            if getattr(self, name) is not None:
+                _positive(f"graph.{name}", getattr(self, name))
+        _positive("graph.recall_sample", self.recall_sample, allow_zero=True)
+        if self.min_recall is not None and not 0 <= self.min_recall <= 1:
+            raise ValueError(f"graph.min_recall must be in [0, 1], got {self.min_recall}")
+        parse_bytes(self.max_train_memory, "graph.max_train_memory")
         _choice("graph.metric", self.metric, GRAPH_METRICS)
+        _choice("graph.method", self.method, GRAPH_METHODS)
         _choice("graph.device", self.device, DEVICES)
 
 
 @dataclass(frozen=True)
 class IndexConfig:
-    """embeddings/ -> index/ (searchable FAISS index)."""
+    """embeddings/ -> index/ (a FAISS index sized to N, the dimension and a memory budget)."""
 
-    type: str = "flat"
+    type: str = "auto"  # auto | flat | ivf_flat | ivf_pq | hnsw
     metric: str = "cosine"
+    memory: str | None = None  # budget for the index in memory, e.g. "8GB"; None = no limit
+    flat_max_rows: int = 100_000  # auto: flat (exact) up to this many rows
+    hnsw_max_rows: int = 1_000_000  # auto, CPU: HNSW up to this many rows ...
+    hnsw_max_dim: int = 512  # ... and dimensions (its build slows with both)
+    nlist: int | None = None  # IVF lists; None: about 4 sqrt(N)
+    nprobe: int = 16  # default IVF lists visited per query (search can override)
+    pq_m: int | None = None  # IVF-PQ bytes per vector; None: the largest that fits the budget
+    hnsw_m: int = 32
+    ef_construction: int = 80
+    ef_search: int = 64  # default HNSW search depth (search can override)
+    train_points_per_list: int = 64  # IVF training sample: this x nlist rows ...
+    max_train_memory: str = "2GB"  # ... and never more than this
+    recall_sample: int = 500  # queries on which recall@10 is measured and recorded
+    seed: int = 1234
+    device: str = "auto"
+    num_cpus: float | None = None  # build task; None = every CPU of the largest node
 
     def __post_init__(self) -> None:
         _choice("index.type", self.type, INDEX_TYPES)
         _choice("index.metric", self.metric, GRAPH_METRICS)
+        _choice("index.device", self.device, DEVICES)
+        if self.memory is not None:
+            parse_bytes(self.memory, "index.memory")
+        parse_bytes(self.max_train_memory, "index.max_train_memory")
+        for name in (
+            "flat_max_rows",
+            "hnsw_max_rows",
+            "hnsw_max_dim",
+            "nprobe",
+            "hnsw_m",
+            "ef_construction",
+            "ef_search",
+            "train_points_per_list",
+        ):
+            _positive(f"index.{name}", getattr(self, name))
+        for name in ("nlist", "pq_m", "num_cpus"):
+            if getattr(self, name) is not None:
+                _positive(f"index.{name}", getattr(self, name))
+        _positive("index.recall_sample", self.recall_sample, allow_zero=True)
 
 
 @dataclass(frozen=True)
@@ -176,9 +293,20 @@ def _coerce(name: str, value: Any, tp: Any) -> Any:
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+        nullable = len(args) < len(typing.get_args(tp))
+        if nullable and (
+            value is None or (isinstance(value, str) and value.lower() in ("none", "null"))
+        ):
             return None
-        return _coerce(name, value, args[0])
+        # Try each member in declared order (``int | str`` keeps 12 an int and "auto" a str).
+        first_error: ValueError | None = None
+        for arg in args:
+            try:
+                return _coerce(name, value, arg)
+            except ValueError as exc:
+                first_error = first_error or exc
+        assert first_error is not None
+        raise first_error
     if tp is bool:
         if isinstance(value, bool):
             return value

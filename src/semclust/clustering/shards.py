@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
 
-from semclust import storage
+from semclust import runinfo, storage
 from semclust.embed.pipeline import EMBEDDINGS_DIR, read_embeddings
 
 
@@ -22,6 +24,11 @@ class ShardSet:
     @property
     def total(self) -> int:
         return sum(self.rows)
+
+    def fingerprint(self) -> str:
+        """Changes when a shard is added, removed or rewritten with another row count."""
+        names = [f"{u.rsplit('/', 1)[-1]}:{n}" for u, n in zip(self.uris, self.rows, strict=True)]
+        return hashlib.blake2b("\n".join(names).encode(), digest_size=8).hexdigest()
 
 
 def embedding_shards(run_dir: str) -> ShardSet:
@@ -59,25 +66,58 @@ def check_finite(vectors: np.ndarray, where: str) -> None:
         raise ValueError(f"{int(zero.sum())} embeddings in {where} are all zeros")
 
 
-def sample_rows(shards: ShardSet, size: int, seed: int) -> np.ndarray:
-    """A seeded uniform sample of ``size`` rows (float32 (size, D)) read shard by shard."""
+def read_checked(uri: str, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """(image_id int64 (n,), embedding float32 (n, D)) of a shard, refusing a wrong D, NaN, 0."""
+    ids, vectors = read_embeddings(uri)
+    if vectors.shape[1] != dim:
+        raise ValueError(
+            f"{uri} holds {vectors.shape[1]}-d embeddings but {dim}-d were expected; the run "
+            "directory mixes runs of different backbones"
+        )
+    check_finite(vectors, uri)
+    return ids, vectors
+
+
+def sample_rows(
+    shards: ShardSet, size: int, seed: int, *, with_ids: bool = False
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    """A seeded uniform sample of ``size`` rows, read shard by shard.
+
+    Returns float32 (size, D) rows in shard order, or (image_id int64 (size,), rows) with
+    ``with_ids``. Only the chosen rows of each shard are kept, so memory is the sample's plus one
+    shard.
+    """
     total = shards.total
     size = min(size, total)
     rng = np.random.default_rng(seed)
     chosen = np.sort(rng.choice(total, size=size, replace=False))
     out = np.empty((size, shards.dim), dtype=np.float32)
+    out_ids = np.empty(size, dtype=np.int64)
     filled = 0
     offset = 0
     for uri, n in zip(shards.uris, shards.rows, strict=True):
         local = chosen[(chosen >= offset) & (chosen < offset + n)] - offset
         if len(local):
-            _, vectors = read_embeddings(uri)
+            ids, vectors = read_checked(uri, shards.dim)
             out[filled : filled + len(local)] = vectors[local]
+            out_ids[filled : filled + len(local)] = ids[local]
             filled += len(local)
         offset += n
-    check_finite(out, "the training sample")
-    return out
+    return (out_ids, out) if with_ids else out
+
+
+def sample_size(wanted: int, dim: int, max_bytes: int) -> int:
+    """``wanted`` rows, fewer if float32 rows of ``dim`` would take more than ``max_bytes``."""
+    return max(1, min(wanted, max_bytes // (4 * dim)))
 
 
 def normalize_rows(x: np.ndarray) -> np.ndarray:
+    """Rows of float (n, D) scaled to unit L2 norm, as float32."""
+    x = np.asarray(x, dtype=np.float32)
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def same_settings(run_dir: str, stage: str, settings: dict[str, Any], mode: str) -> bool:
+    """Whether the stage's earlier outputs were made with these settings (resume keeps them)."""
+    previous = runinfo.load(run_dir).get("stages", {}).get(stage, {})
+    return mode == "resume" and previous.get("settings") == settings

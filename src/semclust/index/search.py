@@ -1,4 +1,10 @@
-"""``semclust search``: nearest images to query images, from a run's index alone."""
+"""``semclust search``: nearest images to query images or image ids, from a run's index alone.
+
+Loading reads ``index/meta.json``, ``index/index.faiss`` and ``index/ids.parquet`` only; queries
+by image file, URI or folder are embedded with the run's own embedder settings (from meta.json),
+queries by ``image_id`` use the vector stored in the index (exact for Flat, HNSW and IVF-Flat, the
+PQ reconstruction for IVF-PQ).
+"""
 
 from __future__ import annotations
 
@@ -9,12 +15,21 @@ from typing import Any
 
 import numpy as np
 
-from semclust import storage
-from semclust.clustering.shards import normalize_rows
+from semclust import runinfo, storage
+from semclust.clustering.exact import similarity_space
+from semclust.clustering.faiss_ops import (
+    load_index,
+    resolve_gpus,
+    set_search_params,
+    to_gpus,
+)
 from semclust.embed.decode import ImageDecodeError, decode_image
-from semclust.index.build import INDEX_DIR
+from semclust.index.build import FORMAT, INDEX_DIR, INDEX_FILE
+from semclust.index.factory import IndexSpec
 
 log = logging.getLogger(__name__)
+
+_DECODE_CHUNK = 256  # query images decoded and embedded per round, bounding memory
 
 
 @dataclass(frozen=True)
@@ -26,22 +41,76 @@ class Hit:
 
 
 class SearchIndex:
-    """A run's FAISS index and id -> URI map, loaded without the embeddings."""
+    """A run's FAISS index and row -> (image_id, URI) map, loaded without the embeddings.
 
-    def __init__(self, run_dir: str) -> None:
-        import faiss
+    ``nprobe``/``ef_search`` override the defaults stored at build time; ``backbone``, when
+    given, must be the one the index was built from; ``device`` moves IVF/Flat indexes onto the
+    GPUs with ``auto``/``gpu`` where FAISS sees any.
+    """
 
+    def __init__(
+        self,
+        run_dir: str,
+        *,
+        nprobe: int | None = None,
+        ef_search: int | None = None,
+        backbone: str | None = None,
+        device: str = "auto",
+    ) -> None:
         index_dir = storage.join(run_dir, INDEX_DIR)
         meta_uri = storage.join(index_dir, "meta.json")
         if not storage.exists(meta_uri):
             raise ValueError(f"{run_dir!r} has no complete index: run `semclust index` first")
         self.meta: dict[str, Any] = storage.read_json(meta_uri)
-        raw = storage.read_bytes(storage.join(index_dir, "index.faiss"))
-        self.index = faiss.deserialize_index(np.frombuffer(raw, dtype=np.uint8))
-        ids = storage.read_parquet(storage.join(index_dir, "ids.parquet"))
-        self.uri_of = dict(
-            zip(ids.column("image_id").to_pylist(), ids.column("uri").to_pylist(), strict=True)
+        if self.meta.get("format") != FORMAT:
+            raise ValueError(
+                f"the index in {run_dir!r} was built by an older semclust; rebuild it with "
+                f"`semclust index --run-dir {run_dir} --mode overwrite`"
+            )
+        built_from = self.meta["embedder"]
+        current = runinfo.load(run_dir).get("stages", {}).get("embed", {}).get("embedder")
+        if current and current != built_from:
+            raise ValueError(
+                f"the index in {run_dir!r} was built from {built_from['backbone']} embeddings "
+                f"({built_from['weights']} weights) but the run's embeddings now come from "
+                f"{current['backbone']} ({current['weights']}); rebuild it with `semclust index "
+                f"--run-dir {run_dir} --mode overwrite`"
+            )
+        if backbone is not None and backbone != built_from["backbone"]:
+            raise ValueError(
+                f"the index in {run_dir!r} holds {built_from['backbone']} embeddings, not "
+                f"{backbone}: queries must be embedded by the backbone the run used; search "
+                "another run directory or leave --backbone out"
+            )
+        self.spec = IndexSpec(**{k: v for k, v in self.meta["spec"].items() if k != "factory"})
+        self.cpu_index = load_index(storage.join(index_dir, INDEX_FILE))
+        self.index = self.cpu_index
+        gpus = resolve_gpus(device, "search") if self.spec.kind != "hnsw" else 0
+        if gpus:
+            try:
+                self.index = to_gpus(self.cpu_index, shard=False)
+            except RuntimeError as exc:  # e.g. a PQ code size the GPU kernels do not support
+                if device == "gpu":
+                    raise
+                log.warning(
+                    "%s cannot run on the GPU (%s): searching on CPU", self.spec.factory, exc
+                )
+                gpus = 0
+        set_search_params(
+            self.index,
+            nprobe=nprobe or self.meta.get("nprobe"),
+            ef_search=ef_search or self.meta.get("ef_search"),
+            on_gpu=gpus > 0,
         )
+        ids = storage.read_parquet(storage.join(index_dir, "ids.parquet"), ["image_id", "uri"])
+        self.image_ids = ids.column("image_id").to_numpy()
+        self.uris = ids.column("uri").combine_chunks()
+        if len(self.image_ids) != self.index.ntotal:
+            raise ValueError(
+                f"index/ids.parquet has {len(self.image_ids)} rows but the index holds "
+                f"{self.index.ntotal}; rebuild with `semclust index --mode overwrite`"
+            )
+        self._id_order: np.ndarray | None = None
         self._embedder: Any = None
 
     @property
@@ -54,41 +123,69 @@ class SearchIndex:
         return self._embedder
 
     def search_vectors(self, vectors: np.ndarray, k: int) -> list[list[Hit]]:
-        """Top-k hits for each float32 (n, D) query vector."""
-        if vectors.shape[1] != self.meta["dim"]:
+        """Top-k hits for each float32 (n, D) query vector, most similar first."""
+        if vectors.ndim != 2 or vectors.shape[1] != self.meta["dim"]:
             raise ValueError(
-                f"query vectors have dimension {vectors.shape[1]} but the index holds "
+                f"query vectors have shape {vectors.shape} but the index holds "
                 f"{self.meta['dim']}-d embeddings"
             )
-        x = normalize_rows(vectors) if self.meta["metric"] == "cosine" else vectors
-        scores, ids = self.index.search(np.ascontiguousarray(x, dtype=np.float32), k)
-        if self.meta["metric"] == "l2":
-            scores = -scores
-        return [
-            [
-                Hit(rank + 1, int(i), self.uri_of[int(i)], float(s))
-                for rank, (i, s) in enumerate(zip(row_ids, row_scores, strict=True))
-                if i >= 0
-            ]
-            for row_ids, row_scores in zip(ids, scores, strict=True)
-        ]
+        k = min(k, int(self.index.ntotal))
+        scores, rows = self.index.search(similarity_space(vectors, self.spec.metric), k)
+        sims = self.spec.to_similarity(scores)
+        valid = rows >= 0
+        uris = self.uris.take(rows[valid]).to_pylist()
+        ids = self.image_ids[rows[valid]]
+        out: list[list[Hit]] = []
+        pos = 0
+        for row_valid, row_sims in zip(valid, sims, strict=True):
+            hits = []
+            for rank, sim in enumerate(row_sims[row_valid]):
+                hits.append(Hit(rank + 1, int(ids[pos]), uris[pos], float(sim)))
+                pos += 1
+            out.append(hits)
+        return out
+
+    def vectors_of(self, image_ids: list[int]) -> np.ndarray:
+        """The stored vectors float32 (n, D) of image ids (PQ-decoded for IVF-PQ)."""
+        import faiss
+
+        if self._id_order is None:
+            self._id_order = np.argsort(self.image_ids, kind="stable")
+            if self.spec.kind.startswith("ivf"):
+                faiss.extract_index_ivf(self.cpu_index).make_direct_map()
+        wanted = np.asarray(image_ids, dtype=np.int64)
+        pos = np.searchsorted(self.image_ids, wanted, sorter=self._id_order)
+        pos = np.minimum(pos, len(self._id_order) - 1)
+        rows = self._id_order[pos]
+        missing = wanted[self.image_ids[rows] != wanted]
+        if len(missing):
+            raise ValueError(f"image_id {int(missing[0])} is not in this run's index")
+        return np.stack([self.cpu_index.reconstruct(int(r)) for r in rows]).astype(np.float32)
+
+    def search_ids(self, image_ids: list[int], k: int) -> list[list[Hit]]:
+        """Top-k hits for images already in the index (each usually finds itself first)."""
+        return self.search_vectors(self.vectors_of(image_ids), k)
 
     def search_images(self, images: list[str], k: int) -> list[list[Hit]]:
         """Embed image files/URIs like the run did and search; a bad image raises with its name."""
         spec = self.meta["embedder"]
-        pixels = []
-        for uri in images:
-            try:
-                decoded = decode_image(storage.read_bytes(uri), spec["input_size"], spec["resize"])
-            except (ImageDecodeError, OSError) as exc:
-                raise ValueError(f"query image {uri!r} cannot be used: {exc}") from exc
-            pixels.append(decoded.pixels)
-        vectors = self.embedder.embed(np.stack(pixels))
-        return self.search_vectors(vectors, k)
+        out: list[list[Hit]] = []
+        for s in range(0, len(images), _DECODE_CHUNK):
+            pixels = []
+            for uri in images[s : s + _DECODE_CHUNK]:
+                try:
+                    decoded = decode_image(
+                        storage.read_bytes(uri), spec["input_size"], spec["resize"]
+                    )
+                except (ImageDecodeError, OSError) as exc:
+                    raise ValueError(f"query image {uri!r} cannot be used: {exc}") from exc
+                pixels.append(decoded.pixels)
+            out.extend(self.search_vectors(self.embedder.embed(np.stack(pixels)), k))
+        return out
 
 
 def expand_queries(paths: list[str]) -> list[str]:
-    """Files as given; folders expanded to the images inside them (sorted)."""
+    """Files and URIs as given; folders (local or object storage) expanded to their images."""
     from semclust.embed.pipeline import list_images
 
     out: list[str] = []

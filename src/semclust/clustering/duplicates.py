@@ -1,0 +1,118 @@
+"""Near-duplicate groups: connected components of the kNN graph's edges above a threshold.
+
+Reads ``knn/`` shard by shard (never the embeddings), keeps only edges whose similarity is at
+least the threshold, and joins their endpoints into groups (undirected). Writes
+``duplicates/part-NNNNN.parquet`` with ``image_id`` and ``group`` int64 for every image in a group
+of two or more; the group id is the smallest image id in the group, so it is stable across runs.
+A run with no duplicates writes one empty part, so a finished stage always leaves a file.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from semclust import storage
+from semclust.clustering.shards import ShardSet
+
+log = logging.getLogger(__name__)
+
+DUPLICATES_DIR = "duplicates"
+DUPLICATES_SCHEMA = pa.schema([("image_id", pa.int64()), ("group", pa.int64())])
+ROWS_PER_PART = 1_000_000
+_LARGEST = 10  # groups summarised in run.json
+_EXAMPLES = 5  # URIs shown per summarised group
+
+
+def strong_edges(knn_uri: str, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """(source, target) image ids int64 (m,) of one knn shard's edges with similarity >= t."""
+    table = storage.read_parquet(knn_uri, ["image_id", "neighbors", "similarities"])
+    ids = table.column("image_id").to_numpy()
+    k = table.schema.field("neighbors").type.list_size
+    neighbors = _flat(table.column("neighbors"), np.int64).reshape(-1, k)
+    sims = _flat(table.column("similarities"), np.float32).reshape(-1, k)
+    mask = (sims >= threshold) & (neighbors >= 0)
+    return np.repeat(ids, mask.sum(axis=1)), neighbors[mask]
+
+
+def _flat(column: pa.ChunkedArray, dtype: type) -> np.ndarray:
+    flat = column.combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    return np.asarray(flat, dtype=dtype)
+
+
+def duplicate_groups(src: np.ndarray, dst: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Connected components of the undirected edges src[i] - dst[i] (image ids int64 (m,)).
+
+    Returns (image ids int64 (g,), group int64 (g,)) for every id on an edge, sorted by group then
+    id; a group's id is its smallest image id.
+    """
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    if len(src) == 0:
+        return np.empty(0, np.int64), np.empty(0, np.int64)
+    nodes = np.unique(np.concatenate([src, dst]))
+    a, b = np.searchsorted(nodes, src), np.searchsorted(nodes, dst)
+    graph = coo_matrix((np.ones(len(a), np.int8), (a, b)), shape=(len(nodes), len(nodes)))
+    count, labels = connected_components(graph, directed=False)
+    smallest = np.full(count, np.iinfo(np.int64).max, dtype=np.int64)
+    np.minimum.at(smallest, labels, nodes)
+    groups = smallest[labels]
+    order = np.lexsort((nodes, groups))
+    return nodes[order], groups[order]
+
+
+def _uris_of(shards: ShardSet, wanted: set[int]) -> dict[int, str]:
+    """URIs of a few image ids, read from the embeddings' id and URI columns shard by shard."""
+    found: dict[int, str] = {}
+    for uri in shards.uris:
+        if len(found) == len(wanted):
+            break
+        table = storage.read_parquet(uri, ["image_id", "uri"])
+        ids = table.column("image_id").to_numpy()
+        hit = np.flatnonzero(np.isin(ids, list(wanted)))
+        for row in hit:
+            found[int(ids[row])] = table.column("uri")[int(row)].as_py()
+    return found
+
+
+def run_duplicates(run_dir: str, shards: ShardSet, threshold: float) -> dict[str, Any]:
+    """Find the groups from ``knn/``, write ``duplicates/``, return the run.json summary."""
+    from semclust.clustering.knn import KNN_DIR
+
+    knn_uris = storage.list_shards(storage.join(run_dir, KNN_DIR))
+    parts = [strong_edges(u, threshold) for u in knn_uris]
+    src = np.concatenate([p[0] for p in parts]) if parts else np.empty(0, np.int64)
+    dst = np.concatenate([p[1] for p in parts]) if parts else np.empty(0, np.int64)
+    ids, groups = duplicate_groups(src, dst)
+    out_dir = storage.join(run_dir, DUPLICATES_DIR)
+    storage.remove_tree(out_dir)
+    for part, s in enumerate(range(0, max(len(ids), 1), ROWS_PER_PART)):
+        table = pa.table(
+            {"image_id": ids[s : s + ROWS_PER_PART], "group": groups[s : s + ROWS_PER_PART]},
+            schema=DUPLICATES_SCHEMA,
+        )
+        storage.write_parquet(storage.join(out_dir, f"part-{part:05d}.parquet"), table)
+    group_ids, sizes = np.unique(groups, return_counts=True)
+    top = np.argsort(-sizes, kind="stable")[:_LARGEST]
+    examples = {int(g): ids[groups == g][:_EXAMPLES] for g in group_ids[top]}
+    uri_of = _uris_of(shards, {int(i) for members in examples.values() for i in members})
+    largest = [
+        {
+            "group": int(group_ids[t]),
+            "size": int(sizes[t]),
+            "examples": [uri_of.get(int(i), str(int(i))) for i in examples[int(group_ids[t])]],
+        }
+        for t in top
+    ]
+    log.info("duplicates: %d groups holding %d images", len(group_ids), len(ids))
+    return {
+        "threshold": threshold,
+        "edges": len(src),
+        "groups": len(group_ids),
+        "images": len(ids),
+        "largest": largest,
+    }
