@@ -69,7 +69,8 @@ def test_run_directory_contents_counts_and_schema(run_dir):
     assert embed["skipped_non_image"] == 1  # README.txt
     assert info["config"]["embed"]["backbone"] == "efficientnet_lite0"
     assert "ray" in info["versions"] and "faiss-cpu" in info["versions"]
-    assert set(info["stages"]) == {"embed", "cluster", "graph", "index"}
+    assert set(info["stages"]) == {"embed", "cluster", "graph", "index", "report"}
+    assert (run_dir / "report" / "index.html").is_file()  # `semclust run` ends with the report
 
     names = sorted(p.name for p in (run_dir / "embeddings").iterdir())
     assert names == [f"part-{i:05d}.parquet" for i in range(3)]  # 75 rows / 25 per part

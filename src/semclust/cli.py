@@ -203,6 +203,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
+    from semclust.report.cli import add_report_arguments
+
+    p = sub.add_parser(
+        "report", help="static HTML review report: cluster galleries, 2-D map, failures"
+    )
+    add_report_arguments(p)
+
     p = sub.add_parser("demo", help="build the demo image set and run everything on it")
     p.add_argument("--out", default="semclust-demo", help="output folder (default ./semclust-demo)")
     p.add_argument("--per-class", type=int, default=20, help="images per class (default 20)")
@@ -358,18 +365,28 @@ def _dispatch(args: argparse.Namespace) -> int:
         queries = images + [f"image_id:{i}" for i in args.image_id]
         _print_hits(queries, results, args.json)
         return 0
+    if args.command == "report":
+        from semclust.report.cli import run_report_command
+
+        return run_report_command(args)
     cfg = config_from_args(args)
     if args.command == "evaluate":
         from semclust.evaluate import evaluate_run
 
         print(json.dumps(evaluate_run(cfg.run_dir, args.truth), indent=2))
         return 0
+    report_uri = None
     if args.command == "run":
+        from semclust.report import build_report
+
         records = runner.run_all(cfg)
+        report_uri = build_report(cfg.run_dir, ray_config=cfg.ray)
     else:
         records = {args.command: runner.stage_function(args.command)(cfg)}
     _print_stage_summary(records)
     print(f"run directory: {cfg.run_dir}")
+    if report_uri:
+        print(f"report: {report_uri}")
     return 0
 
 
