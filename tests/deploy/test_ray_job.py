@@ -102,7 +102,7 @@ def test_pipeline_job_succeeds_and_writes_the_run_to_s3(submitted_run, images_bu
     assert submitted_run["status"] == "SUCCEEDED", submitted_run["logs"][-4000:]
     run_dir = f"s3://{images_bucket}/runs/job"
     info = storage.read_json(f"{run_dir}/run.json")
-    assert set(info["stages"]) == {"embed", "cluster", "graph", "index"}
+    assert set(info["stages"]) == {"embed", "cluster", "graph", "index", "report"}
     embed = info["stages"]["embed"]
     assert (embed["listed"], embed["embedded"], embed["failed"]) == (N_LISTED, N_EMBEDDED, N_FAILED)
     assert embed["processed_this_run"] == N_LISTED
