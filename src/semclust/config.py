@@ -182,7 +182,7 @@ class GraphConfig:
     k: int = 10
     metric: str = "cosine"
     method: str = "auto"  # exact | ivf | hnsw | auto (exact up to exact_max_rows, else ivf)
-    exact_max_rows: int | None = None  # None: 4,000,000 with a GPU, 200,000 on CPU
+    exact_max_rows: int | None = None  # None: 4,000,000 with a GPU, 50,000 on CPU
     nlist: int | None = None  # IVF lists; None: about 4 sqrt(N)
     nprobe: int = 32  # IVF lists visited per query
     hnsw_m: int = 32

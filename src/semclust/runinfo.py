@@ -31,7 +31,7 @@ _VERSIONED = (
 STAGE_OUTPUTS: dict[str, tuple[str, ...]] = {
     "embed": ("embeddings", "failures"),
     "cluster": ("model", "assignments"),
-    "graph": ("knn",),
+    "graph": ("knn", "duplicates"),
     "index": ("index",),
 }
 

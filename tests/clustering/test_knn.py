@@ -156,7 +156,8 @@ def test_drop_self_and_method_choice():
     kept, kept_scores = drop_self(np.array([1, 4, 99]), labels, scores, 2)
     assert kept.tolist() == [[2, 3], [9, 5], [6, 7]]
     assert kept_scores.tolist() == [[1, 2], [3, 5], [6, 7]]
-    assert choose_method(GraphConfig(), 100_000, gpu=False) == "exact"
+    assert choose_method(GraphConfig(), 40_000, gpu=False) == "exact"
+    assert choose_method(GraphConfig(), 100_000, gpu=False) == "ivf"
     assert choose_method(GraphConfig(), 1_000_000, gpu=False) == "ivf"
     assert choose_method(GraphConfig(), 1_000_000, gpu=True) == "exact"
     assert choose_method(GraphConfig(method="hnsw"), 10, gpu=False) == "hnsw"
