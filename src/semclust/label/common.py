@@ -13,7 +13,6 @@ import pyarrow.compute as pc
 
 from semclust import storage
 from semclust.clustering.shards import embedding_shards, read_checked
-from semclust.embed.pipeline import EMBEDDINGS_DIR
 
 log = logging.getLogger(__name__)
 
@@ -213,7 +212,3 @@ class LabelWriter:
             }
             for label in order
         }
-
-
-def embeddings_dir(run_dir: str) -> str:
-    return storage.join(run_dir, EMBEDDINGS_DIR)

@@ -63,8 +63,6 @@ class LabelConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.refs is None and self.seed_labels is None and self.names is None:
-            raise ValueError("label needs --refs, --seed-labels or --names (or names with one)")
         if self.refs is not None and self.seed_labels is not None:
             raise ValueError("label takes --refs or --seed-labels, not both")
         _choice("label.assignments", self.assignments, LABEL_ASSIGNMENTS)
@@ -125,6 +123,9 @@ def run_label(run_dir: str, lc: LabelConfig) -> dict[str, Any]:
     from semclust.label.refs import label_with_references
     from semclust.label.seeds import label_with_seeds
 
+    # Checked here, not in LabelConfig: as a section of the run config it is empty by default.
+    if lc.refs is None and lc.seed_labels is None and lc.names is None:
+        raise ValueError("label needs --refs, --seed-labels or --names (or names with one)")
     start = time.perf_counter()
     rows = RunRows.load(run_dir)
     folder = _assignments_folder(run_dir, lc.assignments)
