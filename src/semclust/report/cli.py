@@ -88,25 +88,8 @@ def run_report_command(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m semclust.report",
-        description="Write the static HTML review report of a semclust run directory.",
-    )
-    add_report_arguments(parser)
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-        stream=sys.stderr,
-    )
-    for noisy in ("ray", "absl", "tensorflow", "h5py"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    try:
-        return run_report_command(args)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"semclust report: error: {exc}", file=sys.stderr)
-        return 2
-    except RuntimeError as exc:
-        print(f"semclust report: failed: {exc}", file=sys.stderr)
-        return 1
+    """``python -m semclust.report``: the same as ``semclust report`` (one parser, one exit-code
+    mapping, in semclust.cli)."""
+    from semclust.cli import main as semclust_main
+
+    return semclust_main(["report", *(sys.argv[1:] if argv is None else argv)])
