@@ -228,39 +228,28 @@ def test_truth_that_matches_no_image_is_an_error(small_run, tmp_path):
         evaluate_run(str(run), str(bad))
 
 
-def _parser(add):
-    import argparse
-
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--run-dir")
-    add(parser)
-    return parser
-
-
 def test_evaluate_command_prints_the_headline(small_run, capsys):
-    from semclust.evaluate import add_evaluate_arguments, run_evaluate_command
+    from semclust.cli import main
 
     run, _, _ = small_run
-    args = _parser(add_evaluate_arguments).parse_args(
-        ["--run-dir", str(run), "--truth", "none", "--silhouette-sample", "100"]
+    assert (
+        main(["evaluate", "--run-dir", str(run), "--truth", "none", "--silhouette-sample", "100"])
+        == 0
     )
-    assert run_evaluate_command(args) == 0
     out = json.loads(capsys.readouterr().out)
     assert "kmeans" in out["label_free"] and "stability_ari" in out["label_free"]
-    args = _parser(add_evaluate_arguments).parse_args(["--retrieval-queries", "0"])
-    with pytest.raises(ValueError, match="no run directory"):
-        run_evaluate_command(args)
+    assert json.loads((run / "metrics.json").read_text())["label_free"]["kmeans"]["silhouette"]
+    assert main(["evaluate", "--run-dir", str(run), "--retrieval-queries", "0"]) == 2
+    assert "--retrieval-queries must be >= 1" in capsys.readouterr().err
+    assert main(["evaluate", "--truth", "none"]) == 2
+    assert "no run directory" in capsys.readouterr().err
 
 
 def test_compare_puts_runs_of_the_same_images_side_by_side(small_run, tmp_path, capsys):
     import shutil
 
-    from semclust.compare import (
-        add_compare_arguments,
-        compare_runs,
-        format_table,
-        run_compare_command,
-    )
+    from semclust.cli import main
+    from semclust.compare import compare_runs, format_table
 
     source, ids, labels = small_run
     keep = np.ones(len(ids), dtype=bool)
@@ -285,8 +274,7 @@ def test_compare_puts_runs_of_the_same_images_side_by_side(small_run, tmp_path, 
     assert table.splitlines()[0].startswith("| run | backbone |") and "| scan |" in table
     assert len(table.splitlines()) == 2 + len(rows)
 
-    args = _parser(add_compare_arguments).parse_args([str(run), str(other), "--json"])
-    assert run_compare_command(args) == 0
+    assert main(["compare", str(run), str(other), "--json"]) == 0
     assert len(json.loads(capsys.readouterr().out)["rows"]) == 3
 
     different = tmp_path / "different" / "run"

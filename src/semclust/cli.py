@@ -1,4 +1,5 @@
-"""``semclust <stage>``: one subcommand per stage, ``run`` for all of them, ``demo``, ``search``.
+"""``semclust <stage>``: one subcommand per stage, ``run`` for the main four, and the tools around
+them (``refine``, ``label``, ``evaluate``, ``compare``, ``search``, ``report``, ``demo``).
 
 Flags override the YAML config (``--config``), which overrides the defaults; ``--set key=value``
 reaches any config field by its dotted name.
@@ -92,6 +93,55 @@ _STAGE_FLAGS: dict[str, list[tuple[str, str, Any, str]]] = {
         ("--pq-m", "index.pq_m", int, "IVF-PQ bytes per vector (default: most that fit)"),
         ("--index-device", "index.device", str, "auto | cpu | gpu"),
     ],
+    "refine": [
+        ("--method", "refine.method", str, "scan (default) | dec"),
+        ("--k", "refine.k", int, "clusters (default: the k-means model's k)"),
+        ("--epochs", "refine.epochs", int, "SCAN training epochs (default 30)"),
+        ("--heads", "refine.heads", int, "SCAN heads trained at once; the lowest loss is kept"),
+        ("--hidden", "refine.hidden", int, "width of the shared hidden layer (0: linear heads)"),
+        ("--entropy-weight", "refine.entropy_weight", float, "SCAN balance term weight (5.0)"),
+        ("--num-neighbors", "refine.num_neighbors", int, "SCAN: graph neighbours per row (20)"),
+        ("--self-label-epochs", "refine.self_label_epochs", int, "SCAN self-labelling (0: skip)"),
+        (
+            "--confidence-threshold",
+            "refine.confidence_threshold",
+            float,
+            "self-labelling trains on rows at least this confident (0.99)",
+        ),
+        ("--batch-size", "refine.batch_size", int, "rows (SCAN: pairs) per step (512)"),
+        ("--learning-rate", "refine.learning_rate", float, "Adam learning rate (SCAN)"),
+        ("--dec-tolerance", "refine.dec_tolerance", float, "DEC stops below this change rate"),
+        ("--dec-max-epochs", "refine.dec_max_epochs", int, "DEC passes over the data at most"),
+        ("--seed", "refine.seed", int, "training seed"),
+        ("--refine-device", "refine.device", str, "auto | cpu | gpu"),
+    ],
+    "label": [
+        ("--refs", "label.refs", str, "folder/URI with one sub-folder of example images per class"),
+        ("--seed-labels", "label.seed_labels", str, "Parquet/CSV of uri,label (labelled subset)"),
+        ("--names", "label.names", str, "YAML mapping cluster id -> name"),
+        (
+            "--assignments",
+            "label.assignments",
+            str,
+            "clusters to label or name: kmeans (default) | scan | dec | auto (best present)",
+        ),
+        ("--min-confidence", "label.min_confidence", float, "lower confidence -> unknown"),
+        (
+            "--unknown-threshold",
+            "label.unknown_threshold",
+            float,
+            "refs: cosine under which an image is unknown (default: per class, automatic)",
+        ),
+        ("--vote-k", "label.vote_k", int, "refs: graph neighbours in each image's vote (10)"),
+        (
+            "--label-method",
+            "label.method",
+            str,
+            "seed labels: auto (best cross-validated) | head | propagation | blend",
+        ),
+        ("--cv-folds", "label.cv_folds", int, "seed labels: cross-validation folds (5)"),
+        ("--label-seed", "label.seed", int, "seed of the head and the folds"),
+    ],
 }
 
 
@@ -172,13 +222,28 @@ def build_parser() -> argparse.ArgumentParser:
         _add_common(p)
         _add_stage_flags(p, [stage])
 
-    p = sub.add_parser("evaluate", help="score the run's clusters against known classes")
-    _add_common(p)
-    p.add_argument(
-        "--truth",
-        default="folder-names",
-        help="folder-names (class = parent folder) or a Parquet/CSV file with uri,label",
+    p = sub.add_parser(
+        "refine", help="SCAN or DEC head on embeddings (+ knn/) -> assignments_scan|dec/"
     )
+    _add_common(p)
+    _add_stage_flags(p, ["refine"])
+
+    p = sub.add_parser("label", help="labels/ from reference images, seed labels or cluster names")
+    _add_common(p)
+    _add_stage_flags(p, ["label"])
+
+    from semclust.compare import add_compare_arguments
+    from semclust.evaluate import add_evaluate_arguments
+
+    p = sub.add_parser(
+        "evaluate", help="metrics.json: scores against known classes, and label-free scores"
+    )
+    _add_common(p)
+    add_evaluate_arguments(p)
+
+    p = sub.add_parser("compare", help="several runs' metrics side by side")
+    add_compare_arguments(p)
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
     p = sub.add_parser("search", help="nearest images to query images, from a run's index")
     p.add_argument("--run-dir", required=True, help="run directory with an index/")
@@ -240,6 +305,10 @@ def config_from_args(args: argparse.Namespace) -> Any:
     cfg = load_config(args.config, overrides)
     if not cfg.run_dir:
         raise ValueError("no run directory given: pass --run-dir (or set run_dir in the config)")
+    from semclust import storage
+
+    # Before any storage call: the workers get these options with their tasks.
+    storage.configure_s3(storage.s3_options_from_config(cfg.storage))
     return cfg
 
 
@@ -369,12 +438,23 @@ def _dispatch(args: argparse.Namespace) -> int:
         from semclust.report.cli import run_report_command
 
         return run_report_command(args)
+    if args.command == "compare":
+        from semclust.compare import run_compare_command
+
+        return run_compare_command(args)
     cfg = config_from_args(args)
     if args.command == "evaluate":
-        from semclust.evaluate import evaluate_run
+        from semclust.evaluate import run_evaluate_command
 
-        print(json.dumps(evaluate_run(cfg.run_dir, args.truth), indent=2))
-        return 0
+        return run_evaluate_command(args)
+    if args.command == "refine":
+        from semclust.clustering.refine import run_refine_command
+
+        return run_refine_command(cfg)
+    if args.command == "label":
+        from semclust.label.stage import run_label_command
+
+        return run_label_command(cfg)
     report_uri = None
     if args.command == "run":
         from semclust.report import build_report

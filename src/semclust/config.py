@@ -26,6 +26,10 @@ GRAPH_METHODS = ("auto", "exact", "ivf", "hnsw")
 INDEX_TYPES = ("auto", "flat", "ivf_flat", "ivf_pq", "hnsw")
 CLUSTER_INITS = ("kmeans++", "random")
 HIERARCHICAL = ("auto", "on", "off")
+REFINE_METHODS = ("scan", "dec")
+LABEL_ASSIGNMENTS = ("kmeans", "scan", "dec", "auto")
+SEED_METHODS = ("auto", "head", "propagation", "blend")
+PRECISIONS = ("auto", "float32", "mixed")
 
 _BYTE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 _SIZE_RE = re.compile(r"^(\d+(?:\.\d*)?)\s*([KMGT]?)(?:I?B)?$")
@@ -70,6 +74,27 @@ class RayConfig:
 
 
 @dataclass(frozen=True)
+class StorageConfig:
+    """How to reach S3 or an S3-compatible store; unset fields fall back to the standard AWS
+    environment (AWS_ENDPOINT_URL, AWS_REGION, AWS_PROFILE). Credentials are never part of the
+    config: they come from the AWS credential chain (environment, profile files, instance or pod
+    identity)."""
+
+    endpoint_url: str | None = None  # e.g. http://minio.internal:9000
+    region: str | None = None
+    profile: str | None = None  # a named profile from ~/.aws/config
+    anonymous: bool = False  # unsigned requests, for public buckets
+
+    def __post_init__(self) -> None:
+        if self.endpoint_url is not None and not re.match(r"^https?://[^/\s]+", self.endpoint_url):
+            raise ValueError(
+                f"storage.endpoint_url={self.endpoint_url!r} must look like http(s)://host[:port]"
+            )
+        if self.anonymous and self.profile:
+            raise ValueError("storage.anonymous and storage.profile exclude each other")
+
+
+@dataclass(frozen=True)
 class EmbedConfig:
     """Images -> embeddings/ and failures/."""
 
@@ -92,9 +117,21 @@ class EmbedConfig:
     rows_per_part: int = 50_000  # rows per embeddings/ shard
     max_image_pixels: int = 178_956_970  # decompression-bomb limit (Pillow's default x2)
     seed: int = 0  # for random weights; every actor builds the same model
+    weights_sha256: str | None = None  # checked after a weights file is fetched from a URI
+    # TensorFlow intra-op threads per actor; None: the actor's CPU claim on CPU, TF's own on GPU.
+    threads: int | None = None
+    precision: str = "auto"  # auto (mixed float16 on GPU, float32 on CPU) | float32 | mixed
+    xla: bool | None = None  # XLA-compile the model; None: on GPU only
 
     def __post_init__(self) -> None:
         _choice("embed.resize", self.resize, RESIZE_MODES)
+        _choice("embed.precision", self.precision, PRECISIONS)
+        if self.threads is not None:
+            _positive("embed.threads", self.threads)
+        if self.weights_sha256 is not None and not re.fullmatch(
+            r"[0-9a-fA-F]{64}", self.weights_sha256
+        ):
+            raise ValueError("embed.weights_sha256 must be 64 hexadecimal digits")
         _choice("embed.device", self.device, DEVICES)
         _choice("embed.keras_backend", self.keras_backend, KERAS_BACKENDS)
         for name in ("batch_size", "decode_batch_size", "num_actors", "rows_per_part"):
@@ -261,14 +298,144 @@ class IndexConfig:
 
 
 @dataclass(frozen=True)
+class RefineConfig:
+    """embeddings/ + knn/ + model/ -> assignments_scan/ or assignments_dec/."""
+
+    method: str = "scan"  # scan | dec
+    k: int | None = None  # clusters; None = the k-means model's k (DEC always uses it)
+    seed: int = 1234
+    device: str = "auto"  # auto | cpu | gpu (TensorFlow on the task's GPU)
+    num_cpus: float | None = None  # the training task; None = every CPU of the largest node
+    batch_size: int = 512  # rows (SCAN: anchor-neighbour pairs) per step
+    learning_rate: float = 1e-3
+    weight_decay: float = 1e-4
+    # SCAN
+    epochs: int = 30  # SCAN epochs (one epoch = one pair per row)
+    num_neighbors: int = 20  # neighbours a pair is drawn from (at most the graph's k)
+    heads: int = 5  # heads trained at once; the lowest loss is kept
+    warm_start_epochs: int = 0  # epochs fitting the heads to k-means first; 0 = random start
+    hidden: int = 512  # width of the shared hidden layer; 0 = linear heads
+    entropy_weight: float = 5.0
+    input_dropout: float = 0.2  # feature dropout: the augmentation of frozen embeddings
+    feature_noise: float = 0.0  # std of Gaussian noise added to the (unit-norm) input rows
+    self_label_epochs: int = 5  # 0 skips self-labelling
+    confidence_threshold: float = 0.99  # self-labelling trains on rows at least this confident
+    # DEC
+    dec_max_epochs: int = 50  # passes over the data at most
+    dec_update_interval: int | None = None  # steps between target updates; None = one epoch
+    dec_tolerance: float = 0.001  # stop when fewer than this fraction of rows change cluster
+    dec_alpha: float = 1.0  # Student's t degrees of freedom
+    dec_learning_rate: float = 0.01  # SGD with momentum 0.9, as in the paper
+    dec_encoder: bool = False  # a trainable linear map (identity at first) before the centroids
+
+    def __post_init__(self) -> None:
+        _choice("refine.method", self.method, REFINE_METHODS)
+        _choice("refine.device", self.device, DEVICES)
+        if self.k is not None and self.k < 2:
+            raise ValueError(f"refine.k must be >= 2 (or None for the k-means k), got {self.k}")
+        for name in (
+            "batch_size",
+            "learning_rate",
+            "epochs",
+            "num_neighbors",
+            "heads",
+            "entropy_weight",
+            "dec_max_epochs",
+            "dec_alpha",
+            "dec_learning_rate",
+        ):
+            _positive(f"refine.{name}", getattr(self, name))
+        for name in (
+            "weight_decay",
+            "hidden",
+            "self_label_epochs",
+            "feature_noise",
+            "warm_start_epochs",
+        ):
+            _positive(f"refine.{name}", getattr(self, name), allow_zero=True)
+        for name in ("num_cpus", "dec_update_interval"):
+            if getattr(self, name) is not None:
+                _positive(f"refine.{name}", getattr(self, name))
+        if not 0 <= self.input_dropout < 1:
+            raise ValueError(f"refine.input_dropout must be in [0, 1), got {self.input_dropout}")
+        if not 0 < self.confidence_threshold < 1:
+            raise ValueError(
+                f"refine.confidence_threshold must be in (0, 1), got {self.confidence_threshold}"
+            )
+        if not 0 <= self.dec_tolerance < 1:
+            raise ValueError(f"refine.dec_tolerance must be in [0, 1), got {self.dec_tolerance}")
+
+
+@dataclass(frozen=True)
+class LabelConfig:
+    """embeddings/ + knn/ + assignments -> labels/."""
+
+    refs: str | None = None  # folder/prefix with one sub-folder of example images per class
+    seed_labels: str | None = None  # Parquet/CSV with uri,label for a small labelled subset
+    names: str | None = None  # YAML cluster id -> name
+    # Which clusters are labelled/named: k-means (assignments/), a head, or auto (the refined
+    # SCAN ones if present, then DEC, then k-means).
+    assignments: str = "kmeans"
+    min_confidence: float = 0.0  # a label with a lower confidence becomes "unknown"
+    # refs
+    vote_k: int = 10  # graph neighbours in each image's vote
+    unknown_threshold: float | None = None  # one cosine for all classes; None: per class, auto
+    unknown_position: float = 0.5  # auto threshold: 0 = background level, 1 = the refs' own
+    # seed labels
+    method: str = "auto"  # auto | head | propagation | blend
+    cv_folds: int = 5
+    head_epochs: int = 100
+    head_hidden: int = 0  # 0 = a linear softmax head
+    head_dropout: float = 0.2
+    head_weight_decay: float = 1e-2
+    propagation_alpha: float = 0.9
+    propagation_iterations: int = 20
+    max_propagation_memory: str = "4GB"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.refs is not None and self.seed_labels is not None:
+            raise ValueError("label takes --refs or --seed-labels, not both")
+        _choice("label.assignments", self.assignments, LABEL_ASSIGNMENTS)
+        _choice("label.method", self.method, SEED_METHODS)
+        if not 0 <= self.min_confidence <= 1:
+            raise ValueError(f"label.min_confidence must be in [0, 1], got {self.min_confidence}")
+        if self.unknown_threshold is not None and not -1 <= self.unknown_threshold <= 1:
+            raise ValueError(
+                f"label.unknown_threshold must be a cosine in [-1, 1], got {self.unknown_threshold}"
+            )
+        if not 0 <= self.unknown_position <= 1:
+            raise ValueError(
+                f"label.unknown_position must be in [0, 1], got {self.unknown_position}"
+            )
+        if not 0 < self.propagation_alpha < 1:
+            raise ValueError(
+                f"label.propagation_alpha must be in (0, 1), got {self.propagation_alpha}"
+            )
+        if not 0 <= self.head_dropout < 1:
+            raise ValueError(f"label.head_dropout must be in [0, 1), got {self.head_dropout}")
+        for name in ("vote_k", "head_epochs", "propagation_iterations"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"label.{name} must be >= 1, got {getattr(self, name)}")
+        if self.cv_folds < 2:
+            raise ValueError(f"label.cv_folds must be >= 2, got {self.cv_folds}")
+        if self.head_hidden < 0 or self.head_weight_decay < 0:
+            raise ValueError("label.head_hidden and label.head_weight_decay must be >= 0")
+        parse_bytes(self.max_propagation_memory, "label.max_propagation_memory")
+
+
+@dataclass(frozen=True)
 class RunConfig:
     run_dir: str | None = None
     mode: str = "resume"
     ray: RayConfig = field(default_factory=RayConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
     embed: EmbedConfig = field(default_factory=EmbedConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     graph: GraphConfig = field(default_factory=GraphConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
+    refine: RefineConfig = field(default_factory=RefineConfig)
+    label: LabelConfig = field(default_factory=LabelConfig)
 
     def __post_init__(self) -> None:
         _choice("mode", self.mode, MODES)

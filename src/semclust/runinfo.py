@@ -27,13 +27,39 @@ _VERSIONED = (
     "pillow",
 )
 
-# Folders each stage writes, in pipeline order; overwriting a stage clears what follows it.
+# Folders each stage writes.
 STAGE_OUTPUTS: dict[str, tuple[str, ...]] = {
     "embed": ("embeddings", "failures"),
     "cluster": ("model", "assignments"),
     "graph": ("knn", "duplicates"),
     "index": ("index",),
+    "refine_scan": ("assignments_scan",),
+    "refine_dec": ("assignments_dec",),
+    "label": ("labels",),
 }
+
+# What each stage reads; overwriting a stage clears the outputs of every stage that depends on
+# it, directly or not (they would be stale), and nothing else.
+STAGE_INPUTS: dict[str, tuple[str, ...]] = {
+    "embed": (),
+    "cluster": ("embed",),
+    "graph": ("embed",),
+    "index": ("embed",),
+    "refine_scan": ("cluster", "graph"),
+    "refine_dec": ("cluster",),
+    "label": ("cluster", "graph", "refine_scan", "refine_dec"),
+}
+
+
+def stage_and_dependents(stage: str) -> list[str]:
+    """``stage`` and every stage that reads its outputs, directly or through another stage."""
+    if stage not in STAGE_OUTPUTS:
+        raise ValueError(f"unknown stage {stage!r}; choose one of {', '.join(STAGE_OUTPUTS)}")
+    out = [stage]
+    for name in STAGE_OUTPUTS:  # dict order is a topological order
+        if name not in out and any(dep in out for dep in STAGE_INPUTS[name]):
+            out.append(name)
+    return out
 
 
 def package_versions() -> dict[str, str]:

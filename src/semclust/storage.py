@@ -13,10 +13,10 @@ import json
 import os
 import posixpath
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlparse
 
 import pyarrow as pa
@@ -24,6 +24,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 _ID_MASK = (1 << 63) - 1
+T = TypeVar("T")
 
 
 def image_id_for(uri: str) -> int:
@@ -71,6 +72,18 @@ def s3_options_from_env() -> S3Options:
     )
 
 
+def s3_options_from_config(section: Any) -> S3Options:
+    """The ``storage`` section of a run config over the standard AWS environment: a field set in
+    the config wins, an unset one falls back to AWS_ENDPOINT_URL / AWS_REGION."""
+    env = s3_options_from_env()
+    return S3Options(
+        endpoint_url=section.endpoint_url or env.endpoint_url,
+        region=section.region or env.region,
+        profile=section.profile,
+        anonymous=bool(section.anonymous),
+    )
+
+
 _s3_options = s3_options_from_env()
 
 
@@ -84,6 +97,20 @@ def configure_s3(options: S3Options) -> None:
 
 def s3_options() -> S3Options:
     return _s3_options
+
+
+def with_s3_options(fn: Callable[..., T]) -> Callable[..., T]:
+    """``fn`` bound to this process's S3 options, for Ray tasks: a worker on another node has
+    only its own environment, so the driver's options (from the config) travel with the call."""
+    options = _s3_options
+
+    @functools.wraps(fn)
+    def bound(*args: Any, **kwargs: Any) -> T:
+        if options != s3_options():
+            configure_s3(options)
+        return fn(*args, **kwargs)
+
+    return bound
 
 
 def _aws_credentials(profile: str) -> tuple[str, str, str | None] | None:

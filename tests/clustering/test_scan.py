@@ -188,16 +188,19 @@ def test_refine_stage_writes_scan_assignments_next_to_kmeans(ray_local, tmp_path
     assert labels.shape == (900,)
 
 
-def test_refine_flags_map_to_the_config():
-    import argparse
+def test_refine_flags_map_to_the_config(tmp_path):
+    from semclust.cli import build_parser, config_from_args
 
-    from semclust.clustering.refine import add_refine_arguments, refine_config_from_args
+    def parse(*flags: str) -> RefineConfig:
+        args = build_parser().parse_args(["refine", "--run-dir", str(tmp_path), *flags])
+        return config_from_args(args).refine
 
-    parser = argparse.ArgumentParser()
-    add_refine_arguments(parser)
-    rc = refine_config_from_args(parser.parse_args(["--method", "dec", "--dec-tolerance", "0.01"]))
-    assert rc == RefineConfig(method="dec", dec_tolerance=0.01)
-    defaults = refine_config_from_args(parser.parse_args([]))
-    assert defaults == RefineConfig()
+    assert parse("--method", "dec", "--dec-tolerance", "0.01") == RefineConfig(
+        method="dec", dec_tolerance=0.01
+    )
+    assert parse() == RefineConfig()
+    assert parse("--k", "7", "--epochs", "3", "--seed", "5") == RefineConfig(k=7, epochs=3, seed=5)
     with pytest.raises(ValueError, match="confidence_threshold must be in"):
-        refine_config_from_args(parser.parse_args(["--confidence-threshold", "2"]))
+        parse("--confidence-threshold", "2")
+    with pytest.raises(ValueError, match=r"refine\.method='kmeans' is not allowed"):
+        parse("--method", "kmeans")

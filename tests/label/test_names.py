@@ -91,20 +91,12 @@ def test_bad_names_files(tmp_path, text, message):
 
 
 def test_label_command_prints_the_class_summary(run_dir, tmp_path, capsys):
-    import argparse
-
-    from semclust.label import add_label_arguments, run_label_command
+    from semclust.cli import main
 
     names = tmp_path / "names.yaml"
     names.write_text("1: bikes\n")
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--run-dir")
-    add_label_arguments(parser)
-    assert (
-        run_label_command(parser.parse_args(["--run-dir", str(run_dir), "--names", str(names)]))
-        == 0
-    )
+    assert main(["label", "--run-dir", str(run_dir), "--names", str(names)]) == 0
     out = capsys.readouterr().out
     assert "label (names)" in out and "bikes" in out
-    with pytest.raises(ValueError, match="label needs --refs, --seed-labels or --names"):
-        run_label_command(parser.parse_args(["--run-dir", str(run_dir)]))
+    assert main(["label", "--run-dir", str(run_dir)]) == 2
+    assert "label needs --refs, --seed-labels or --names" in capsys.readouterr().err

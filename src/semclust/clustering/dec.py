@@ -32,7 +32,7 @@ from semclust.clustering.refine import predict_in_batches
 from semclust.clustering.scan import ScanResult, _EpochLog
 
 if TYPE_CHECKING:
-    from semclust.clustering.refine import RefineConfig
+    from semclust.config import RefineConfig
 
 log = logging.getLogger(__name__)
 

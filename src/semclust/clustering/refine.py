@@ -15,14 +15,13 @@ OS page cache holds what is in use.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import shutil
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any
 
 import numpy as np
@@ -31,11 +30,10 @@ import pyarrow.compute as pc
 from semclust import runinfo, storage
 from semclust.clustering.kmeans import ASSIGNMENTS_DIR, KMeansModel, assignments_table
 from semclust.clustering.shards import ShardSet, embedding_shards, read_checked
+from semclust.config import REFINE_METHODS, RefineConfig
 
 log = logging.getLogger(__name__)
 
-REFINE_METHODS = ("scan", "dec")
-DEVICES = ("auto", "cpu", "gpu")
 _PREDICT_BATCH = 8192
 
 
@@ -54,80 +52,6 @@ def stage_name(method: str) -> str:
 def _choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ValueError(f"{name}={value!r} is not allowed; choose one of {', '.join(allowed)}")
-
-
-def _positive(name: str, value: float, *, allow_zero: bool = False) -> None:
-    if value < 0 or (value == 0 and not allow_zero):
-        raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
-
-
-@dataclass(frozen=True)
-class RefineConfig:
-    """embeddings/ + knn/ + model/ -> assignments_scan/ or assignments_dec/."""
-
-    method: str = "scan"  # scan | dec
-    k: int | None = None  # clusters; None = the k-means model's k (DEC always uses it)
-    seed: int = 1234
-    device: str = "auto"  # auto | cpu | gpu (TensorFlow on the task's GPU)
-    num_cpus: float | None = None  # the training task; None = every CPU of the largest node
-    batch_size: int = 512  # rows (SCAN: anchor-neighbour pairs) per step
-    learning_rate: float = 1e-3
-    weight_decay: float = 1e-4
-    # SCAN
-    epochs: int = 30  # SCAN epochs (one epoch = one pair per row)
-    num_neighbors: int = 20  # neighbours a pair is drawn from (at most the graph's k)
-    heads: int = 5  # heads trained at once; the lowest loss is kept
-    warm_start_epochs: int = 0  # epochs fitting the heads to k-means first; 0 = random start
-    hidden: int = 512  # width of the shared hidden layer; 0 = linear heads
-    entropy_weight: float = 5.0
-    input_dropout: float = 0.2  # feature dropout: the augmentation of frozen embeddings
-    feature_noise: float = 0.0  # std of Gaussian noise added to the (unit-norm) input rows
-    self_label_epochs: int = 5  # 0 skips self-labelling
-    confidence_threshold: float = 0.99  # self-labelling trains on rows at least this confident
-    # DEC
-    dec_max_epochs: int = 50  # passes over the data at most
-    dec_update_interval: int | None = None  # steps between target updates; None = one epoch
-    dec_tolerance: float = 0.001  # stop when fewer than this fraction of rows change cluster
-    dec_alpha: float = 1.0  # Student's t degrees of freedom
-    dec_learning_rate: float = 0.01  # SGD with momentum 0.9, as in the paper
-    dec_encoder: bool = False  # a trainable linear map (identity at first) before the centroids
-
-    def __post_init__(self) -> None:
-        _choice("refine.method", self.method, REFINE_METHODS)
-        _choice("refine.device", self.device, DEVICES)
-        if self.k is not None and self.k < 2:
-            raise ValueError(f"refine.k must be >= 2 (or None for the k-means k), got {self.k}")
-        for name in (
-            "batch_size",
-            "learning_rate",
-            "epochs",
-            "num_neighbors",
-            "heads",
-            "entropy_weight",
-            "dec_max_epochs",
-            "dec_alpha",
-            "dec_learning_rate",
-        ):
-            _positive(f"refine.{name}", getattr(self, name))
-        for name in (
-            "weight_decay",
-            "hidden",
-            "self_label_epochs",
-            "feature_noise",
-            "warm_start_epochs",
-        ):
-            _positive(f"refine.{name}", getattr(self, name), allow_zero=True)
-        for name in ("num_cpus", "dec_update_interval"):
-            if getattr(self, name) is not None:
-                _positive(f"refine.{name}", getattr(self, name))
-        if not 0 <= self.input_dropout < 1:
-            raise ValueError(f"refine.input_dropout must be in [0, 1), got {self.input_dropout}")
-        if not 0 < self.confidence_threshold < 1:
-            raise ValueError(
-                f"refine.confidence_threshold must be in (0, 1), got {self.confidence_threshold}"
-            )
-        if not 0 <= self.dec_tolerance < 1:
-            raise ValueError(f"refine.dec_tolerance must be in [0, 1), got {self.dec_tolerance}")
 
 
 # --- Keras set-up --------------------------------------------------------------------------------
@@ -459,6 +383,10 @@ def run_refine(
     ):
         log.info("refine %s: already done with the same settings", rc.method)
         return previous
+    if mode == "overwrite":
+        from semclust.embed.pipeline import prepare_run_dir
+
+        prepare_run_dir(run_dir, mode, stage)  # its assignments and the labels made from them
     ensure_ray(RayConfig(address=ray_address, num_cpus=num_cpus))
     gpu = use_gpu(rc.device)
     cpus, _ = node_resources()
@@ -467,7 +395,7 @@ def run_refine(
         resources["num_gpus"] = 1.0
     runinfo.update_stage(run_dir, stage, {"status": "running", "settings": settings}, config)
     with record_failure(run_dir, stage, settings, config):
-        task = ray.remote(refine_task).options(**resources)
+        task = ray.remote(storage.with_s3_options(refine_task)).options(**resources)
         record = unwrap_remote_errors(lambda: ray.get(task.remote(run_dir, rc)))()
     record.update(
         status="done",
@@ -482,65 +410,13 @@ def run_refine(
 # --- command line --------------------------------------------------------------------------------
 
 
-def add_refine_arguments(parser: argparse.ArgumentParser) -> None:
-    """Flags of ``semclust refine`` (besides the common --run-dir, --mode, --ray-address, ...)."""
-    d = RefineConfig()
-    g = parser.add_argument_group("refine options")
-    g.add_argument("--method", choices=REFINE_METHODS, default=d.method, help="scan | dec")
-    g.add_argument("--k", type=int, help="clusters (default: the k-means model's k)")
-    g.add_argument("--epochs", type=int, default=d.epochs, help="SCAN training epochs")
-    g.add_argument("--heads", type=int, default=d.heads, help="SCAN heads; lowest loss kept")
-    g.add_argument("--hidden", type=int, default=d.hidden, help="hidden width (0: linear)")
-    g.add_argument("--entropy-weight", type=float, default=d.entropy_weight)
-    g.add_argument(
-        "--num-neighbors", type=int, default=d.num_neighbors, help="SCAN neighbours per row"
-    )
-    g.add_argument("--self-label-epochs", type=int, default=d.self_label_epochs)
-    g.add_argument(
-        "--confidence-threshold",
-        type=float,
-        default=d.confidence_threshold,
-        help="self-labelling: rows at least this confident are trained on (default 0.99)",
-    )
-    g.add_argument("--batch-size", type=int, default=d.batch_size)
-    g.add_argument("--learning-rate", type=float, default=d.learning_rate)
-    g.add_argument("--dec-tolerance", type=float, default=d.dec_tolerance)
-    g.add_argument("--dec-max-epochs", type=int, default=d.dec_max_epochs)
-    g.add_argument("--seed", type=int, default=d.seed)
-    g.add_argument("--refine-device", dest="refine_device", choices=DEVICES, default=d.device)
-
-
-def refine_config_from_args(args: argparse.Namespace) -> RefineConfig:
-    return RefineConfig(
-        method=args.method,
-        k=args.k,
-        epochs=args.epochs,
-        heads=args.heads,
-        hidden=args.hidden,
-        entropy_weight=args.entropy_weight,
-        num_neighbors=args.num_neighbors,
-        self_label_epochs=args.self_label_epochs,
-        confidence_threshold=args.confidence_threshold,
-        batch_size=args.batch_size,
-        learning_rate=args.learning_rate,
-        dec_tolerance=args.dec_tolerance,
-        dec_max_epochs=args.dec_max_epochs,
-        seed=args.seed,
-        device=args.refine_device,
-    )
-
-
-def run_refine_command(args: argparse.Namespace) -> int:
-    """``semclust refine``: prints a one-line summary; bad input raises ValueError."""
-    if not getattr(args, "run_dir", None):
+def run_refine_command(cfg: Any) -> int:
+    """``semclust refine`` with a RunConfig: prints a one-line summary."""
+    if not cfg.run_dir:
         raise ValueError("no run directory given: pass --run-dir")
-    rc = refine_config_from_args(args)
+    rc = cfg.refine
     record = run_refine(
-        args.run_dir,
-        rc,
-        mode=getattr(args, "mode", None) or "resume",
-        ray_address=getattr(args, "ray_address", None),
-        num_cpus=getattr(args, "num_cpus", None),
+        cfg.run_dir, rc, mode=cfg.mode, ray_address=cfg.ray.address, num_cpus=cfg.ray.num_cpus
     )
     print(
         f"refine {rc.method}: k={record['k']}, {record['rows']} rows -> {record['output']}/, "

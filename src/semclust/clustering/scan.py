@@ -29,7 +29,7 @@ import numpy as np
 from semclust.clustering.refine import predict_in_batches
 
 if TYPE_CHECKING:
-    from semclust.clustering.refine import RefineConfig
+    from semclust.config import RefineConfig
 
 log = logging.getLogger(__name__)
 

@@ -189,6 +189,7 @@ class Embedder:
         threads: int | None = None,
         precision: str = "auto",
         xla: bool | None = None,
+        weights_sha256: str | None = None,
     ) -> None:
         from semclust.embed.weights import local_weights
 
@@ -196,7 +197,7 @@ class Embedder:
             raise ValueError(f"precision={precision!r}; choose one of {', '.join(PRECISIONS)}")
         configure_keras_backend(keras_backend)
         self.spec = get_backbone(backbone)
-        weights = local_weights(weights)
+        weights = local_weights(weights, weights_sha256)
         on_gpu = _configure_tensorflow(threads) if keras_backend == "tensorflow" else False
         import keras
 

@@ -9,6 +9,7 @@ skips every URI already in a committed part, so nothing is embedded twice or los
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
@@ -62,10 +63,16 @@ class EmbedderSpec:
     threads: int | None = None  # TensorFlow intra-op threads on CPU; None: TF's default
     precision: str = "auto"  # auto: mixed float16 on GPU, float32 on CPU
     xla: bool | None = None  # None: XLA on GPU only
+    weights_sha256: str | None = None
 
     @classmethod
-    def from_config(cls, ec: EmbedConfig) -> EmbedderSpec:
+    def from_config(cls, ec: EmbedConfig, *, gpu: bool = False) -> EmbedderSpec:
+        """The actors' settings; on CPU, TensorFlow gets as many threads as the actor claims CPUs
+        (its default of one per core would compete with the decode tasks on the same node)."""
         spec = get_backbone(ec.backbone)
+        threads = ec.threads
+        if threads is None and not gpu:
+            threads = max(1, math.ceil(ec.actor_num_cpus))
         return cls(
             backbone=ec.backbone,
             weights=ec.weights,
@@ -75,6 +82,10 @@ class EmbedderSpec:
             normalize=ec.normalize,
             seed=ec.seed,
             keras_backend=ec.keras_backend,
+            threads=threads,
+            precision=ec.precision,
+            xla=ec.xla,
+            weights_sha256=ec.weights_sha256,
         )
 
     def build(self) -> Any:
@@ -91,6 +102,7 @@ class EmbedderSpec:
             threads=self.threads,
             precision=self.precision,
             xla=self.xla,
+            weights_sha256=self.weights_sha256,
         )
 
 
@@ -308,12 +320,11 @@ def _check_resume_compatible(run_dir: str, ec: EmbedConfig) -> None:
 
 
 def prepare_run_dir(run_dir: str, mode: str, first_stage: str) -> None:
-    """``overwrite`` clears this stage's outputs and every later stage's (they would be stale)."""
+    """``overwrite`` clears this stage's outputs and those of the stages that read them."""
     storage.makedirs(run_dir)
     if mode != "overwrite":
         return
-    stages = list(runinfo.STAGE_OUTPUTS)
-    for stage in stages[stages.index(first_stage) :]:
+    for stage in runinfo.stage_and_dependents(first_stage):
         for folder in runinfo.STAGE_OUTPUTS[stage]:
             storage.remove_tree(storage.join(run_dir, folder))
 
@@ -369,6 +380,7 @@ def run_embed(cfg: RunConfig) -> dict[str, Any]:
     if todo:
         ensure_ray(cfg.ray)
         gpu = use_gpu(ec.device)
+        spec = EmbedderSpec.from_config(ec, gpu=gpu)
         parts = np.arange(len(todo)) // ec.rows_per_part + next_part
         expected = {
             int(p): int(c) for p, c in zip(*np.unique(parts, return_counts=True), strict=True)

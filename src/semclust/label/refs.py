@@ -27,7 +27,7 @@ from semclust import runinfo, storage
 from semclust.label.common import UNKNOWN, LabelWriter, RunRows, read_graph
 
 if TYPE_CHECKING:
-    from semclust.label.stage import LabelConfig
+    from semclust.config import LabelConfig
 
 log = logging.getLogger(__name__)
 

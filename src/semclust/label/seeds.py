@@ -40,11 +40,9 @@ from semclust.label.common import (
 )
 
 if TYPE_CHECKING:
-    from semclust.label.stage import LabelConfig
+    from semclust.config import LabelConfig
 
 log = logging.getLogger(__name__)
-
-SEED_METHODS = ("auto", "head", "propagation", "blend")
 
 
 # --- the classifier head -------------------------------------------------------------------------

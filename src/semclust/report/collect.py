@@ -152,7 +152,7 @@ def _run_tasks(fn: Callable[..., Any], calls: Sequence[tuple[Any, ...]], what: s
     """Run ``fn(*args)`` for every call as Ray tasks, logging progress; results in call order."""
     import ray
 
-    remote = ray.remote(num_cpus=1)(fn)
+    remote = ray.remote(num_cpus=1)(storage.with_s3_options(fn))
     futures = [remote.remote(*args) for args in calls]
     index = {f: i for i, f in enumerate(futures)}
     results: list[Any] = [None] * len(futures)

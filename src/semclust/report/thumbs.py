@@ -114,7 +114,7 @@ def make_thumbnails(
             result.reused,
             math.ceil(len(todo) / per_task),
         )
-        remote = ray.remote(num_cpus=1)(thumbnail_batch)
+        remote = ray.remote(num_cpus=1)(storage.with_s3_options(thumbnail_batch))
         futures = {
             remote.remote(todo[s : s + per_task], report_uri, box, max_pixels): min(
                 per_task, len(todo) - s
