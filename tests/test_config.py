@@ -101,6 +101,17 @@ def test_memory_sizes(text, expected):
         ({"graph.min_recall": 1.5}, "graph.min_recall must be in [0, 1]"),
         ({"graph.nprobe": 0}, "graph.nprobe must be > 0"),
         ({"cluster.pca_dim": 0}, "cluster.pca_dim must be > 0"),
+        ({"refine.method": "kmeans"}, "refine.method='kmeans' is not allowed; choose one of scan"),
+        ({"refine.confidence_threshold": 1}, "refine.confidence_threshold must be in (0, 1)"),
+        ({"label.method": "svm"}, "auto, head, propagation, blend"),
+        ({"label.assignments": "gmm"}, "kmeans, scan, dec, auto"),
+        ({"label.refs": "r", "label.seed_labels": "s"}, "--refs or --seed-labels, not both"),
+        ({"storage.endpoint_url": "minio:9000"}, "must look like http(s)://host[:port]"),
+        ({"storage.anonymous": True, "storage.profile": "p"}, "exclude each other"),
+        ({"storage.access_key": "AKIA..."}, "allowed: endpoint_url, region, profile, anonymous"),
+        ({"embed.precision": "bf16"}, "auto, float32, mixed"),
+        ({"embed.threads": 0}, "embed.threads must be > 0"),
+        ({"embed.weights_sha256": "abc"}, "64 hexadecimal digits"),
     ],
 )
 def test_stage_values_name_what_is_allowed(overrides, message):
@@ -113,3 +124,31 @@ def test_none_disables_optional_stage_settings():
     cfg = load_config(None, {"graph.duplicate_threshold": "none", "graph.min_recall": "null"})
     assert cfg.graph.duplicate_threshold is None and cfg.graph.min_recall is None
     assert load_config(None, {"graph.duplicate_threshold": "0.9"}).graph.duplicate_threshold == 0.9
+
+
+def test_refine_label_and_storage_sections_load_from_yaml(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text(
+        "refine:\n  method: dec\n  dec_tolerance: 0.01\n"
+        "label:\n  seed_labels: s3://b/labels.csv\n  method: propagation\n"
+        "storage:\n  endpoint_url: http://127.0.0.1:9000\n  anonymous: yes\n"
+        "embed:\n  precision: mixed\n  xla: true\n  threads: 4\n"
+    )
+    cfg = load_config(path, {"refine.k": "12"})
+    assert (cfg.refine.method, cfg.refine.dec_tolerance, cfg.refine.k) == ("dec", 0.01, 12)
+    assert cfg.label.seed_labels == "s3://b/labels.csv" and cfg.label.method == "propagation"
+    assert cfg.storage.endpoint_url == "http://127.0.0.1:9000" and cfg.storage.anonymous is True
+    assert (cfg.embed.precision, cfg.embed.xla, cfg.embed.threads) == ("mixed", True, 4)
+
+
+def test_overwrite_clears_only_the_stages_that_read_a_stage():
+    from semclust.runinfo import STAGE_INPUTS, STAGE_OUTPUTS, stage_and_dependents
+
+    assert set(STAGE_INPUTS) == set(STAGE_OUTPUTS)
+    assert stage_and_dependents("embed") == list(STAGE_OUTPUTS)
+    assert stage_and_dependents("cluster") == ["cluster", "refine_scan", "refine_dec", "label"]
+    assert stage_and_dependents("graph") == ["graph", "refine_scan", "label"]
+    assert stage_and_dependents("index") == ["index"]
+    assert stage_and_dependents("refine_dec") == ["refine_dec", "label"]
+    with pytest.raises(ValueError, match="unknown stage 'evaluate'"):
+        stage_and_dependents("evaluate")

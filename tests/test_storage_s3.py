@@ -61,3 +61,48 @@ def test_missing_bucket_and_missing_prefix(s3_bucket):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         storage.check_access(f"s3://{s3_bucket}/not/there", must_exist=True)
     storage.check_access(f"s3://{s3_bucket}/new/run", must_exist=False)  # may be created
+
+
+def test_storage_section_of_the_config_reaches_ray_workers(
+    s3_server, s3_bucket, monkeypatch, tmp_path, ray_local
+):
+    """S3 settings written only in the YAML config (no AWS_ENDPOINT_URL) reach the driver and the
+    workers of Ray tasks, which on a real cluster have only their own environment."""
+    import ray
+
+    from semclust.cli import build_parser, config_from_args
+
+    monkeypatch.delenv("AWS_ENDPOINT_URL")
+    config = tmp_path / "run.yaml"
+    config.write_text(f"storage:\n  endpoint_url: {s3_server.endpoint}\n  region: eu-west-3\n")
+    args = build_parser().parse_args(
+        ["cluster", "--config", str(config), "--run-dir", f"s3://{s3_bucket}/r"]
+    )
+    cfg = config_from_args(args)
+    assert storage.s3_options() == storage.S3Options(
+        endpoint_url=s3_server.endpoint, region="eu-west-3"
+    )
+    storage.write_bytes(f"s3://{s3_bucket}/from-config.txt", b"config")
+
+    def read_in_worker(uri: str) -> tuple[storage.S3Options, bytes]:
+        return storage.s3_options(), storage.read_bytes(uri)
+
+    task = ray.remote(storage.with_s3_options(read_in_worker))
+    options, data = ray.get(task.remote(f"s3://{s3_bucket}/from-config.txt"))
+    assert options.region == "eu-west-3" and options.endpoint_url == s3_server.endpoint
+    assert data == b"config"
+    assert "secret" not in repr(cfg.storage).lower()
+
+
+def test_config_fields_win_over_the_environment(monkeypatch):
+    from semclust.config import StorageConfig
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://env-host:1")
+    monkeypatch.setenv("AWS_REGION", "us-west-2")
+    merged = storage.s3_options_from_config(StorageConfig(region="ap-south-1"))
+    assert merged == storage.S3Options(endpoint_url="http://env-host:1", region="ap-south-1")
+    merged = storage.s3_options_from_config(
+        StorageConfig(endpoint_url="https://minio.local:9000", anonymous=True)
+    )
+    assert merged.endpoint_url == "https://minio.local:9000" and merged.anonymous
+    assert merged.region == "us-west-2"

@@ -109,3 +109,24 @@ def test_refine_stage_writes_dec_assignments(ray_local, tmp_path):
     assert agree > 0.9
     info = json.loads((run / "run.json").read_text())["stages"]["refine_dec"]
     assert info["status"] == "done" and info["loss_curve"]["dec"][0]["update"] == 0
+
+
+@pytest.mark.slow
+def test_refine_command_and_overwrite_of_its_inputs(ray_local, tmp_path, capsys):
+    """`semclust refine` through the CLI; overwriting the clusters removes the head's now stale
+    assignments but keeps the kNN graph, which does not read the clusters."""
+    from semclust.cli import main
+
+    run = tmp_path / "run"
+    x, _, _ = planted(600, 3, 12, noise=0.5, seed=8)
+    make_run(run, x, 3, rows_per_part=300, knn_k=5)
+    argv = ["refine", "--run-dir", str(run), "--method", "dec", "--dec-max-epochs", "2"]
+    assert main(argv) == 0
+    assert "refine dec: k=3, 600 rows -> assignments_dec/" in capsys.readouterr().out
+    assert len(list((run / "assignments_dec").iterdir())) == 2
+    assert main(["refine", "--run-dir", str(run), "--method", "scan", "--heads", "0"]) == 2
+    assert "refine.heads must be > 0" in capsys.readouterr().err
+    assert main(["cluster", "--run-dir", str(run), "--k", "3", "--mode", "overwrite"]) == 0
+    assert not (run / "assignments_dec").exists()
+    assert len(list((run / "knn").iterdir())) == 2
+    assert len(list((run / "assignments").iterdir())) == 2
