@@ -7,58 +7,20 @@ Shared by the quality benchmark and the large S3 embedding run: the 70,000 image
 
 from __future__ import annotations
 
-import gzip
 import io
 import os
-import struct
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
-
-FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
-CLASSES = (
-    "t-shirt",
-    "trouser",
-    "pullover",
-    "dress",
-    "coat",
-    "sandal",
-    "shirt",
-    "sneaker",
-    "bag",
-    "ankle-boot",
-)
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
-
-def read_idx(path: Path) -> np.ndarray:
-    """An IDX file (optionally gzipped) as a NumPy array."""
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        data = f.read()
-    zero, dtype_code, ndim = struct.unpack(">HBB", data[:4])
-    if zero != 0 or dtype_code != 0x08:
-        raise ValueError(f"{path} is not an unsigned-byte IDX file")
-    shape = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
-    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
-
-
-def load_fashion_mnist(directory: Path = FMNIST_DIR) -> tuple[np.ndarray, np.ndarray]:
-    """(images uint8 (70000, 28, 28), labels uint8 (70000,)): train then test."""
-    if not directory.is_dir():
-        raise FileNotFoundError(
-            f"{directory} is missing: apt-get install dataset-fashion-mnist (Debian)"
-        )
-    images = [read_idx(directory / f"{s}-images-idx3-ubyte.gz") for s in ("train", "t10k")]
-    labels = [read_idx(directory / f"{s}-labels-idx1-ubyte.gz") for s in ("train", "t10k")]
-    return np.concatenate(images), np.concatenate(labels)
+from tests.fmnist_data import CLASSES, load_fashion_mnist  # noqa: E402
 
 
 def start_server(data_dir: Path):
     """SeaweedFS on loopback with the AWS_* variables pointed at it (tests/s3server.py)."""
-    sys.path.insert(0, str(ROOT))
     from tests.s3server import ACCESS_KEY, SECRET_KEY, start_s3_server
 
     server = start_s3_server(data_dir)

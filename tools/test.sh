@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs everything the tests need, then runs them: the README's test command and .ci/run.
 #   - Python packages: semclust with its `test` extra, into ./.venv (created if missing)
-#   - Debian packages (only when run as root with apt-get): chromium for the report's browser test
+#   - Debian packages (only when run as root with apt-get): chromium for the report's browser test,
+#     dataset-fashion-mnist for the real-image quality test
 # Extra arguments go to pytest, e.g. `bash tools/test.sh tests/test_config.py -x`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,6 +17,7 @@ fi
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
   missing=()
   command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+  [ -d /usr/share/datasets/fashion-mnist ] || missing+=(dataset-fashion-mnist)
   if [ ${#missing[@]} -gt 0 ]; then
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
