@@ -112,6 +112,8 @@ def test_memory_sizes(text, expected):
         ({"embed.precision": "bf16"}, "auto, float32, mixed"),
         ({"embed.threads": 0}, "embed.threads must be > 0"),
         ({"embed.weights_sha256": "abc"}, "64 hexadecimal digits"),
+        ({"ray.object_store_memory": "10MB"}, "below Ray's minimum of 78 MiB"),
+        ({"ray.object_store_memory": "lots"}, "ray.object_store_memory='lots' is not a size"),
     ],
 )
 def test_stage_values_name_what_is_allowed(overrides, message):

@@ -67,10 +67,20 @@ class RayConfig:
 
     address: str | None = None
     num_cpus: int | None = None  # local Ray only; None lets Ray count the machine's cores
+    # Local Ray only: the object store's size, e.g. "8GB" (None: Ray's default, 30% of memory).
+    # On a cluster it is set per node by `ray start --object-store-memory`.
+    object_store_memory: str | None = None
 
     def __post_init__(self) -> None:
         if self.num_cpus is not None:
             _positive("ray.num_cpus", self.num_cpus)
+        if self.object_store_memory is not None:
+            size = parse_bytes(self.object_store_memory, "ray.object_store_memory")
+            if size < 80 << 20:
+                raise ValueError(
+                    f"ray.object_store_memory={self.object_store_memory!r} is below Ray's "
+                    "minimum of 78 MiB"
+                )
 
 
 @dataclass(frozen=True)

@@ -19,10 +19,20 @@ def ensure_ray(cfg: RayConfig) -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     if address:
+        if cfg.num_cpus or cfg.object_store_memory:
+            log.warning("ray.num_cpus and ray.object_store_memory apply to a local Ray only")
         ray.init(address=address, log_to_driver=True)
         log.info("joined Ray cluster at %s", address)
         return
-    ray.init(num_cpus=cfg.num_cpus, include_dashboard=False, log_to_driver=True)
+    from semclust.config import parse_bytes
+
+    store = parse_bytes(cfg.object_store_memory) if cfg.object_store_memory else None
+    ray.init(
+        num_cpus=cfg.num_cpus,
+        object_store_memory=store,
+        include_dashboard=False,
+        log_to_driver=True,
+    )
     log.info("started a local Ray with %s CPUs", ray.cluster_resources().get("CPU"))
 
 
