@@ -1,14 +1,17 @@
 """Embedding throughput: the full semclust pipeline vs the bare model vs a naive predict loop.
 
-On the same images and batch size, in one run (the machine is noisy, so only ratios within one
-run are compared):
-  (a) pipeline: ``run_embed`` end to end (listing, Ray Data read + decode tasks, the actor pool,
-      committing Parquet shards), actor start-up included;
+On the same kind of images and batch size, in one run (the machine is noisy, so only ratios within
+one run are compared):
+  (a) pipeline: ``run_embed`` end to end on N images (listing, Ray Data read + decode tasks, the
+      actor pool, committing Parquet shards), actor start-up included; and its marginal rate,
+      N / (t(2N) - t(N)) from a second run on 2N images, which cancels the fixed costs (Ray Data
+      and actor start-up, about 10 s on CPU) that dominate a short run;
   (b) bare model: ``Embedder.embed`` on pre-decoded uint8 batches in this process;
   (c) naive: ``model.predict`` called once per image.
-Prints one JSON object per backbone.
+Prints one JSON object per backbone and source.
 
-    python benchmarks/embed_throughput.py --backbones efficientnet_lite0 resnet50 --images 960
+    python benchmarks/embed_throughput.py --backbones efficientnet_lite0 resnet50 \
+        --images 960 --source local s3
 """
 
 from __future__ import annotations
@@ -30,33 +33,47 @@ def _weights_for(backbone: str) -> str:
     return "default" if backbone == "efficientnet_lite0" else "random"
 
 
-def bench_backbone(
-    backbone: str, images: Path, source: str, n: int, batch: int, naive_n: int
-) -> dict:
-    """``source`` is the URI the pipeline reads (the local folder or its copy on S3)."""
+def _pipeline_seconds(backbone: str, source: str, batch: int, threads: int | None) -> tuple:
     from semclust.config import load_config
+    from semclust.embed.pipeline import run_embed
+
+    run_dir = Path(tempfile.mkdtemp(prefix=f"bench-{backbone}-"))
+    overrides = {
+        "run_dir": str(run_dir),
+        "mode": "overwrite",
+        "embed.rows_per_part": 10_000,
+        "embed.input": source,
+        "embed.backbone": backbone,
+        "embed.weights": _weights_for(backbone),
+        "embed.batch_size": batch,
+        "embed.threads": threads,
+    }
+    start = time.perf_counter()
+    record = run_embed(load_config(None, overrides))
+    seconds = time.perf_counter() - start
+    shutil.rmtree(run_dir, ignore_errors=True)
+    return seconds, record
+
+
+def bench_backbone(
+    backbone: str,
+    images: Path,
+    sources: tuple[str, str],
+    n: int,
+    batch: int,
+    naive_n: int,
+    threads: int | None = None,
+) -> dict:
+    """``sources``: the URIs of N and of 2N images the pipeline reads (local folders or their
+    copies on S3); ``images`` is the local folder of the N."""
     from semclust.embed.backbones import Embedder
     from semclust.embed.decode import decode_batch
-    from semclust.embed.pipeline import list_images, run_embed
+    from semclust.embed.pipeline import list_images
 
     weights = _weights_for(backbone)
-    run_dir = Path(tempfile.mkdtemp(prefix=f"bench-{backbone}-"))
-    cfg = load_config(
-        None,
-        {
-            "run_dir": str(run_dir),
-            "mode": "overwrite",
-            "embed.rows_per_part": 10_000,
-            "embed.input": source,
-            "embed.backbone": backbone,
-            "embed.weights": weights,
-            "embed.batch_size": batch,
-        },
-    )
-    start = time.perf_counter()
-    record = run_embed(cfg)
-    pipeline_s = time.perf_counter() - start
-    shutil.rmtree(run_dir, ignore_errors=True)
+    pipeline_s, record = _pipeline_seconds(backbone, sources[0], batch, threads)
+    double_s, double = _pipeline_seconds(backbone, sources[1], batch, threads)
+    extra = double["embedded"] - record["embedded"]
 
     uris = list_images(str(images)).uris
     blobs = [Path(u[len("file://") :]).read_bytes() for u in uris]
@@ -75,22 +92,27 @@ def bench_backbone(
     naive_s = time.perf_counter() - start
 
     a = record["embedded"] / pipeline_s
+    marginal = extra / (double_s - pipeline_s) if double_s > pipeline_s else float("nan")
     b = len(pixels) / bare_s
     c = naive_n / naive_s
     return {
         "backbone": backbone,
         "weights": weights,
-        "source": source.split("://", 1)[0] if "://" in source else "local",
+        "source": sources[0].split("://", 1)[0] if "://" in sources[0] else "local",
         "images": n,
         "batch_size": batch,
+        "tf_threads_per_actor": record["embedder"]["threads"],
         "pipeline_images_per_s": round(a, 2),
         "pipeline_seconds": round(pipeline_s, 2),
+        "pipeline_2n_seconds": round(double_s, 2),
+        "pipeline_marginal_images_per_s": round(marginal, 2),
         "bare_model_images_per_s": round(b, 2),
         "naive_predict_images_per_s": round(c, 2),
         "ratio_pipeline_to_bare": round(a / b, 3),
+        "ratio_marginal_pipeline_to_bare": round(marginal / b, 3),
         "ratio_pipeline_to_naive": round(a / c, 3),
-        "embedded": record["embedded"],
-        "failed": record["failed"],
+        "embedded": record["embedded"] + double["embedded"],
+        "failed": record["failed"] + double["failed"],
     }
 
 
@@ -103,10 +125,12 @@ def main() -> None:
     p.add_argument("--num-cpus", type=int, default=2)
     p.add_argument(
         "--source",
+        nargs="+",
         choices=["local", "s3"],
-        default="local",
-        help="read images from local disk, or from a SeaweedFS S3 server started on 127.0.0.1",
+        default=["local"],
+        help="read images from local disk, and/or from a SeaweedFS S3 server on 127.0.0.1",
     )
+    p.add_argument("--threads", type=int, help="embed.threads (default: semclust's choice)")
     args = p.parse_args()
 
     import ray
@@ -114,21 +138,27 @@ def main() -> None:
     from semclust.demo import build_demo_images
 
     workdir = Path(tempfile.mkdtemp(prefix="bench-embed-"))
-    images = workdir / "images"
-    build_demo_images(images, per_class=max(1, args.images // 12), seed=1)
-    shutil.rmtree(images / "_unusable")  # only decodable images, so (a) and (b) see the same
-    n = sum(1 for f in images.rglob("*") if f.is_file() and f.suffix != ".txt")
+    per_class = max(1, args.images // 12)
+    folders = (workdir / "images", workdir / "images-2x")
+    for folder, count, seed in zip(folders, (per_class, 2 * per_class), (1, 2), strict=True):
+        build_demo_images(folder, per_class=count, seed=seed)
+        shutil.rmtree(folder / "_unusable")  # only decodable images, so (a) and (b) see the same
+    n = sum(1 for f in folders[0].rglob("*") if f.is_file() and f.suffix != ".txt")
     server = None
-    source = str(images)
-    if args.source == "s3":
-        server, source = _images_on_s3(images, workdir)
     ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
     try:
-        for backbone in args.backbones:
-            result = bench_backbone(backbone, images, source, n, args.batch_size, args.naive)
-            result["date"] = time.strftime("%Y-%m-%d")
-            result["cpus"] = args.num_cpus
-            print(json.dumps(result), flush=True)
+        for source in args.source:
+            sources = (str(folders[0]), str(folders[1]))
+            if source == "s3":
+                server, sources = _images_on_s3(folders, workdir)
+            for backbone in args.backbones:
+                result = bench_backbone(
+                    backbone, folders[0], sources, n, args.batch_size, args.naive, args.threads
+                )
+                result["date"] = time.strftime("%Y-%m-%d")
+                result["cpus"] = args.num_cpus
+                result["load_average_1m"] = round(os.getloadavg()[0], 1)
+                print(json.dumps(result), flush=True)
     finally:
         ray.shutdown()
         if server is not None:
@@ -136,8 +166,8 @@ def main() -> None:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def _images_on_s3(images: Path, workdir: Path) -> tuple[object, str]:
-    """Start SeaweedFS on loopback (tests/s3server.py), upload the images, point AWS_* at it."""
+def _images_on_s3(folders: tuple[Path, ...], workdir: Path) -> tuple[object, tuple[str, ...]]:
+    """Start SeaweedFS on loopback (tests/s3server.py), upload the folders, point AWS_* at it."""
     import sys
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -155,12 +185,14 @@ def _images_on_s3(images: Path, workdir: Path) -> tuple[object, str]:
     storage.configure_s3(storage.s3_options_from_env())
     client = server.client()
     client.create_bucket(Bucket="bench")
-    for path in sorted(images.rglob("*")):
-        if path.is_file():
-            client.put_object(
-                Bucket="bench", Key=f"images/{path.relative_to(images)}", Body=path.read_bytes()
-            )
-    return server, "s3://bench/images/"
+    uris = []
+    for folder in folders:
+        for path in sorted(folder.rglob("*")):
+            if path.is_file():
+                key = f"{folder.name}/{path.relative_to(folder)}"
+                client.put_object(Bucket="bench", Key=key, Body=path.read_bytes())
+        uris.append(f"s3://bench/{folder.name}/")
+    return server, tuple(uris)
 
 
 if __name__ == "__main__":
