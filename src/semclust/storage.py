@@ -343,3 +343,136 @@ def remove_tree(uri: str) -> None:
         fs.delete_dir(path)
     elif fs.get_file_info(path).type == pafs.FileType.File:
         fs.delete_file(path)
+
+
+# --- paginated listing ---------------------------------------------------------------------------
+
+LIST_PAGE_SIZE = 1000  # S3's own maximum keys per ListObjectsV2 page
+_PAGE_SCHEMA = pa.schema([("uri", pa.string()), ("size", pa.int64())])
+
+
+def _file_page(rows: list[tuple[str, int]]) -> pa.Table:
+    uris, sizes = zip(*rows, strict=True) if rows else ((), ())
+    return pa.table(
+        {"uri": pa.array(uris, pa.string()), "size": pa.array(sizes, pa.int64())},
+        schema=_PAGE_SCHEMA,
+    )
+
+
+def s3_list_client(options: S3Options | None = None) -> Any:
+    """A botocore S3 client for listing, from the same options as the pyarrow filesystem.
+
+    Credentials come from botocore's standard chain (environment, profile, instance role), so
+    none is ever passed around or printed; ``anonymous`` sends unsigned requests.
+    """
+    import botocore.session
+    from botocore import UNSIGNED
+    from botocore.config import Config
+
+    opts = options or _s3_options
+    endpoint = (
+        opts.endpoint_url
+        or os.environ.get("AWS_ENDPOINT_URL_S3")
+        or os.environ.get("AWS_ENDPOINT_URL")
+    )
+    config: dict[str, Any] = {"retries": {"mode": "standard", "max_attempts": 5}}
+    if endpoint:  # S3-compatible stores, like pyarrow's endpoint_override, are path-style
+        config["s3"] = {"addressing_style": "path"}
+    if opts.anonymous:
+        config["signature_version"] = UNSIGNED
+    session = botocore.session.Session(profile=opts.profile)
+    return session.create_client(
+        "s3",
+        endpoint_url=endpoint or None,
+        region_name=opts.region or "us-east-1",
+        config=Config(**config),
+    )
+
+
+def iter_file_pages(
+    uri: str, *, page_size: int = LIST_PAGE_SIZE, s3_client: Any = None
+) -> Iterator[pa.Table]:
+    """Pages (``uri``, ``size``) of the files under a folder/prefix, in sorted URI order, lazily.
+
+    The same files and order as ``sorted(list_files(uri))`` (hidden names skipped), without
+    holding the whole listing: S3 is paged with ListObjectsV2 (keys come back in binary order,
+    which is the order of Python strings), a local tree is walked one directory at a time. A
+    single directory's entries are held while it is walked (the OS returns them unsorted); gs://
+    falls back to pyarrow's full listing. Pages may be shorter than ``page_size``.
+    """
+    if page_size < 1:
+        raise ValueError(f"page_size must be >= 1, got {page_size}")
+    fs, path = resolve(uri)
+    scheme = urlparse(uri).scheme
+    if scheme == "s3" or isinstance(fs, pafs.LocalFileSystem):
+        try:
+            info = fs.get_file_info(path)
+        except OSError as exc:
+            raise explain_access_error(uri, exc) from None
+        if info.type == pafs.FileType.NotFound:
+            raise FileNotFoundError(f"input {uri!r} does not exist")
+        if info.type == pafs.FileType.File:
+            yield _file_page([(_to_uri(uri, info.path), info.size)])
+            return
+        rows = _iter_s3_files(uri, path, page_size, s3_client) if scheme == "s3" else None
+        if rows is None:
+            rows = (("file://" + p, s) for p, s in _walk_sorted(path))
+    else:
+        rows = iter(sorted(list_files(uri)))
+    page: list[tuple[str, int]] = []
+    for row in rows:
+        page.append(row)
+        if len(page) >= page_size:
+            yield _file_page(page)
+            page = []
+    if page:
+        yield _file_page(page)
+
+
+def _walk_sorted(root: str) -> Iterator[tuple[str, int]]:
+    """(path, size) of files under ``root`` in the order of their sorted full paths.
+
+    A directory sorts by ``name + "/"``: every path below it starts with that, so walking
+    entries in this order gives exactly the global string order, one directory at a time.
+    """
+    entries: list[tuple[str, str, bool]] = []
+    with os.scandir(root) as it:
+        for entry in it:
+            if entry.name.startswith("."):
+                continue
+            is_dir = entry.is_dir()
+            if is_dir or entry.is_file():
+                entries.append((entry.name + "/" if is_dir else entry.name, entry.path, is_dir))
+    entries.sort()
+    for _, entry_path, is_dir in entries:
+        if is_dir:
+            yield from _walk_sorted(entry_path)
+        else:
+            yield entry_path, os.stat(entry_path).st_size
+
+
+def _iter_s3_files(uri: str, path: str, page_size: int, client: Any) -> Iterator[tuple[str, int]]:
+    """(URI, size) of the objects under an S3 prefix, one ListObjectsV2 request per page."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    client = client or s3_list_client()
+    bucket, _, key = path.partition("/")
+    prefix = f"{key}/" if key else ""
+    token: str | None = None
+    while True:
+        kwargs: dict[str, Any] = {"Bucket": bucket, "Prefix": prefix, "MaxKeys": page_size}
+        if token:
+            kwargs["ContinuationToken"] = token
+        try:
+            resp = client.list_objects_v2(**kwargs)
+        except (BotoCoreError, ClientError) as exc:
+            raise explain_access_error(uri, exc) from None
+        for obj in resp.get("Contents", []):
+            name = obj["Key"]
+            rel = name[len(prefix) :]
+            if name.endswith("/") or any(p.startswith(".") for p in rel.split("/")):
+                continue  # folder markers and hidden names, as pyarrow's listing
+            yield f"s3://{bucket}/{name}", int(obj["Size"])
+        token = resp.get("NextContinuationToken")
+        if not resp.get("IsTruncated") or not token:
+            return

@@ -8,10 +8,14 @@ skips every URI already in a committed part, so nothing is embedded twice or los
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
+import threading
 import time
+import warnings
 from collections import defaultdict
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -24,8 +28,9 @@ from semclust import runinfo, storage
 from semclust.config import EmbedConfig, RunConfig
 from semclust.embed.backbones import get_backbone
 from semclust.embed.decode import decode_batch
+from semclust.embed.sources import InputStream, ids_for, isin_sorted, read_image_bytes
 from semclust.embed.sources import list_images as list_images  # re-exported for callers
-from semclust.embed.sources import list_inputs, read_image_bytes
+from semclust.embed.sources import list_inputs as list_inputs  # re-exported for callers
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +38,15 @@ EMBEDDINGS_DIR = "embeddings"
 FAILURES_DIR = "failures"
 _READ_THREADS = 8  # object-store reads are latency-bound; overlap them within a batch
 
+LIST_PAGE_SIZE = storage.LIST_PAGE_SIZE  # listing page (S3 keys per request); a config knob later
+
 FAILURES_SCHEMA = pa.schema([("uri", pa.string()), ("stage", pa.string()), ("error", pa.string())])
+
+
+# The blocks the lister hands to Ray Data: a URI, a tar member's byte range, its part number.
+BLOCK_SCHEMA = pa.schema(
+    [("uri", pa.string()), ("offset", pa.int64()), ("size", pa.int64()), ("part", pa.int64())]
+)
 
 
 def embeddings_schema(dim: int) -> pa.Schema:
@@ -184,29 +197,65 @@ class EmbedActor:
 class PartWriter:
     """Collects rows per part on the driver and commits each part when all its rows are in.
 
+    Parts are cut in listing order, so every part but the last holds exactly ``rows_per_part``
+    rows: a part is committed as soon as it has that many, and the last (short) one in
+    ``finish``, once the lister has said how many rows it sent. No part's size has to be known
+    before the listing ends.
+
     The failures shard is written before the embeddings shard: an embeddings shard is the commit
     marker of its part, so a crash in between leaves an orphan failures shard that resume deletes.
     """
 
-    def __init__(self, run_dir: str, expected_rows: dict[int, int], dim: int) -> None:
+    def __init__(self, run_dir: str, rows_per_part: int, dim: int) -> None:
         self.run_dir = run_dir
-        self.expected = dict(expected_rows)
+        self.rows_per_part = rows_per_part
         self.dim = dim
         self.buffers: dict[int, list[dict[str, np.ndarray]]] = defaultdict(list)
         self.counts: dict[int, int] = defaultdict(int)
+        self.rows_received = 0
         self.rows_written = 0
         self.failed_written = 0
+        self.parts_committed = 0
 
     def add(self, batch: dict[str, np.ndarray]) -> None:
         parts = np.asarray(batch["part"])
+        self.rows_received += len(parts)
         for part in np.unique(parts):
+            p = int(part)
             sel = parts == part
-            self.buffers[int(part)].append({k: np.asarray(v)[sel] for k, v in batch.items()})
-            self.counts[int(part)] += int(sel.sum())
-            if self.counts[int(part)] == self.expected[int(part)]:
-                self._commit(int(part))
-            elif self.counts[int(part)] > self.expected[int(part)]:
-                raise RuntimeError(f"part {part} received more rows than it holds")
+            self.buffers[p].append({k: np.asarray(v)[sel] for k, v in batch.items()})
+            self.counts[p] += int(sel.sum())
+            if self.counts[p] == self.rows_per_part:
+                self._commit(p)
+            elif self.counts[p] > self.rows_per_part:
+                raise RuntimeError(f"part {p} received more than {self.rows_per_part} rows")
+
+    def finish(self, rows_sent: int, first_part: int) -> None:
+        """Commit the last, short part; raise if the rows received differ from those sent.
+
+        ``rows_sent`` rows were numbered from ``first_part`` on, so parts ``first_part ..
+        last - 1`` must be full (and already committed) and the last one holds the rest.
+        """
+        if rows_sent == 0:
+            if self.rows_received:
+                raise RuntimeError(f"the pipeline returned {self.rows_received} unexpected rows")
+            return
+        n_parts = -(-rows_sent // self.rows_per_part)
+        last = first_part + n_parts - 1
+        last_rows = rows_sent - (n_parts - 1) * self.rows_per_part
+        pending = dict(self.counts)
+        short = {p: c for p, c in pending.items() if not (p == last and c == last_rows)}
+        if short or self.rows_received != rows_sent:
+            missing = {
+                p: (last_rows if p == last else self.rows_per_part) - c for p, c in short.items()
+            }
+            raise RuntimeError(
+                f"the pipeline lost rows: the lister sent {rows_sent} rows, the writer received "
+                f"{self.rows_received}; parts never completed (part: rows missing): {missing}. "
+                "Nothing of those parts was committed; run again with --mode resume"
+            )
+        if last in pending:
+            self._commit(last)
 
     def _commit(self, part: int) -> None:
         chunks = self.buffers.pop(part)
@@ -242,14 +291,9 @@ class PartWriter:
         storage.write_parquet(storage.join(self.run_dir, EMBEDDINGS_DIR, name), table)
         self.rows_written += len(uris)
         self.failed_written += int((~ok).sum())
+        self.parts_committed += 1
         del self.counts[part]
         log.info("committed %s: %d embedded, %d failed", name, int(ok.sum()), int((~ok).sum()))
-
-    def check_complete(self) -> None:
-        missing = {p: self.expected[p] - c for p, c in self.counts.items()}
-        uncommitted = [p for p in self.expected if p in self.counts or p in self.buffers]
-        if uncommitted:
-            raise RuntimeError(f"the pipeline lost rows: parts {missing} never completed")
 
 
 # --- run-directory bookkeeping ---------------------------------------------------------------
@@ -259,49 +303,55 @@ def _part_number(uri: str) -> int:
     return int(uri.rsplit("part-", 1)[1].split(".", 1)[0])
 
 
-def committed_state(run_dir: str) -> tuple[set[int], int]:
-    """(image ids already committed, next free part number) of a run directory.
+def _shard_ids(run_dir: str) -> tuple[list[np.ndarray], list[np.ndarray], list[str], set[int]]:
+    """Image ids of each committed embeddings shard and failures shard (orphans left out)."""
+    emb_shards = storage.list_shards(storage.join(run_dir, EMBEDDINGS_DIR))
+    committed_parts = {_part_number(u) for u in emb_shards}
+    emb_ids = [
+        storage.read_parquet(u, ["image_id"])["image_id"].to_numpy().astype(np.int64)
+        for u in emb_shards
+    ]
+    fail_ids: list[np.ndarray] = []
+    orphans: list[str] = []
+    for uri in storage.list_shards(storage.join(run_dir, FAILURES_DIR)):
+        if _part_number(uri) not in committed_parts:
+            orphans.append(uri)
+            continue
+        fail_ids.append(ids_for(storage.read_parquet(uri, ["uri"])["uri"].to_pylist()))
+    return emb_ids, fail_ids, orphans, committed_parts
+
+
+def committed_state(run_dir: str) -> tuple[np.ndarray, int]:
+    """(sorted unique ids already committed, next free part number) of a run directory.
 
     Orphan failures shards (whose part has no embeddings shard) are deleted: their part did not
     commit and its URIs will be processed again.
     """
-    emb_shards = storage.list_shards(storage.join(run_dir, EMBEDDINGS_DIR))
-    fail_shards = storage.list_shards(storage.join(run_dir, FAILURES_DIR))
-    committed_parts = {_part_number(u) for u in emb_shards}
-    done: set[int] = set()
-    for uri in emb_shards:
-        done.update(storage.read_parquet(uri, columns=["image_id"])["image_id"].to_pylist())
-    for uri in fail_shards:
-        if _part_number(uri) not in committed_parts:
-            log.warning("removing orphan failures shard %s (its part never committed)", uri)
-            storage.remove_tree(uri)
-            continue
-        uris = storage.read_parquet(uri, ["uri"])["uri"].to_pylist()
-        done.update(storage.image_id_for(u) for u in uris)
+    emb_ids, fail_ids, orphans, committed_parts = _shard_ids(run_dir)
+    for uri in orphans:
+        log.warning("removing orphan failures shard %s (its part never committed)", uri)
+        storage.remove_tree(uri)
+    done = np.unique(np.concatenate([np.empty(0, np.int64), *emb_ids, *fail_ids]))
     return done, max(committed_parts, default=-1) + 1
 
 
-def count_outputs(run_dir: str, listed_ids: set[int]) -> dict[str, int]:
-    """Counts over committed shards, checking that no image id appears twice."""
-    seen: set[int] = set()
-    embedded = failed = duplicates = stale = 0
-    for uri in storage.list_shards(storage.join(run_dir, EMBEDDINGS_DIR)):
-        for image_id in storage.read_parquet(uri, ["image_id"])["image_id"].to_pylist():
-            duplicates += image_id in seen
-            seen.add(image_id)
-            if image_id in listed_ids:
-                embedded += 1
-            else:
-                stale += 1
-    for uri in storage.list_shards(storage.join(run_dir, FAILURES_DIR)):
-        for u in storage.read_parquet(uri, ["uri"])["uri"].to_pylist():
-            image_id = storage.image_id_for(u)
-            duplicates += image_id in seen
-            seen.add(image_id)
-            if image_id in listed_ids:
-                failed += 1
-            else:
-                stale += 1
+def count_outputs(run_dir: str, listed_ids: np.ndarray | Iterable[int]) -> dict[str, int]:
+    """Counts over committed shards, checking that no image id appears twice.
+
+    ``listed_ids``: the ids of the listing (a numpy array, sorted or not, or any iterable of
+    ints); everything is done on int64 arrays, 8 bytes per row.
+    """
+    if not isinstance(listed_ids, np.ndarray):
+        listed_ids = np.fromiter(listed_ids, dtype=np.int64)
+    listed = np.unique(np.asarray(listed_ids, dtype=np.int64))
+    emb_ids, fail_ids, _, _ = _shard_ids(run_dir)
+    emb = np.concatenate([np.empty(0, np.int64), *emb_ids])
+    fail = np.concatenate([np.empty(0, np.int64), *fail_ids])
+    everything = np.sort(np.concatenate([emb, fail]))
+    duplicates = int((everything[1:] == everything[:-1]).sum())
+    embedded = int(isin_sorted(emb, listed).sum())
+    failed = int(isin_sorted(fail, listed).sum())
+    stale = len(emb) + len(fail) - embedded - failed
     return {"embedded": embedded, "failed": failed, "duplicates": duplicates, "stale": stale}
 
 
@@ -342,9 +392,243 @@ def _validate_weights(ec: EmbedConfig) -> None:
         )
 
 
-def run_embed(cfg: RunConfig) -> dict[str, Any]:
-    """Run the embed stage; returns the record written to run.json under ``stages.embed``."""
+# --- the streamed listing feeding Ray Data ----------------------------------------------------
+
+
+@dataclass
+class ListingProgress:
+    """Counts of the to-do stream; they grow while the listing runs."""
+
+    already_committed: int = 0  # listed images skipped because a committed part holds them
+    rows_sent: int = 0  # to-do rows numbered into parts
+
+
+def todo_blocks(
+    pages: Iterable[pa.Table],
+    done_ids: np.ndarray,
+    next_part: int,
+    rows_per_part: int,
+    block_rows: int,
+    progress: ListingProgress | None = None,
+    min_bytes: int = 0,
+) -> Iterator[pa.Table]:
+    """Blocks (``uri``, ``offset``, ``size``, ``part``) of the listed images not yet committed.
+
+    ``done_ids`` is sorted (``committed_state``), so the filter is a binary search per page.
+    The i-th to-do row goes to part ``next_part + i // rows_per_part``: every part but the last
+    is full, which is what lets ``PartWriter`` commit a part without knowing the total. Blocks
+    are fresh copies (not slices of a page), so a block shipped to a worker carries only itself,
+    and each (but the last) holds at least ``block_rows`` rows and more than ``min_bytes``
+    bytes (``min_bytes``, 0 by default: blocks of exactly ``block_rows``).
+    """
+    progress = progress if progress is not None else ListingProgress()
+    buf: list[pa.Table] = []
+    buffered = 0
+
+    def number(table: pa.Table) -> pa.Table:
+        n = table.num_rows
+        block = table.select(["uri", "offset", "size"]).take(pa.array(np.arange(n)))
+        parts = next_part + (progress.rows_sent + np.arange(n, dtype=np.int64)) // rows_per_part
+        progress.rows_sent += n
+        return block.append_column("part", pa.array(parts, pa.int64()))
+
+    for page in pages:
+        keep = ~isin_sorted(page.column("image_id").to_numpy(), done_ids)
+        progress.already_committed += int(len(keep) - keep.sum())
+        if not keep.all():
+            page = page.filter(pa.array(keep))
+        if page.num_rows == 0:
+            continue
+        buf.append(page)
+        buffered += page.num_rows
+        while buffered >= block_rows:
+            table = pa.concat_tables(buf)
+            n = _block_end(table, block_rows, min_bytes)
+            if n is None:
+                break  # not min_bytes yet: wait for the next page
+            yield number(table.slice(0, n))
+            rest = table.slice(n)
+            buf, buffered = ([rest] if rest.num_rows else []), rest.num_rows
+    if buffered:
+        yield number(pa.concat_tables(buf))
+
+
+def _block_end(table: pa.Table, min_rows: int, min_bytes: int) -> int | None:
+    """Rows of the next block: at least ``min_rows``, and more than ``min_bytes`` as a block
+    (``uri``, ``offset``, ``size``, ``part``: 28 bytes a row plus the URI); None if the table
+    is not that big yet."""
+    lengths = pc.binary_length(table.column("uri")).to_numpy(zero_copy_only=False)
+    cum = np.cumsum(lengths.astype(np.int64) + 28)
+    first = int(np.searchsorted(cum, min_bytes, side="right"))  # rows 0..first exceed it
+    if first >= len(cum):
+        return None
+    return max(min_rows, first + 1)
+
+
+# Ray Data buffers a task's output until it exceeds the dataset's target block size (128 MB by
+# default) or the task ends; the listing's one read task never ends, so the dataset's target is
+# set below the size of any block the lister sends (``block_rows`` rows of at least this many
+# bytes each: uri offset + one character, offset, size, part), and every block leaves the read
+# task at once. Ray Data may slice it further; the decode stage re-gathers whole batches. The
+# cost: later stages also keep to that small target, so embeddings reach the driver in blocks of
+# a few rows (more, smaller objects; a throughput point to measure at scale).
+_MIN_ROW_BYTES = 29
+
+
+def read_block_bytes(block_rows: int) -> int:
+    """The dataset's target block size: just under the smallest block the lister sends."""
+    return block_rows * _MIN_ROW_BYTES - 1
+
+
+MAX_BLOCKS_AHEAD = 64  # listed-but-unfinished rows allowed: about this many blocks (_rows_ahead)
+_QUEUE_BLOCKS = 4  # blocks waiting in the hand-over queue
+
+
+class _Feeder:
+    """Runs the listing on a driver thread and hands its blocks to the pipeline's read task.
+
+    Why this shape: the listing's counts and its id set stay on the driver, where the final check
+    needs them; Ray Data reads a custom datasource whose single read task is a generator that
+    takes blocks from a small Ray queue (an actor with no CPU claim). Memory is bounded twice:
+    Ray Data backpressures the read task's generator, which stops taking from the queue, whose
+    ``put`` then blocks this thread; and this thread never lets more than ``max_ahead`` rows be
+    listed but not yet back at the writer, whatever Ray Data's own budgets allow.
+    """
+
+    def __init__(self, blocks: Iterator[pa.Table], max_ahead: int) -> None:
+        from ray.util.queue import Queue
+
+        self.queue = Queue(maxsize=_QUEUE_BLOCKS, actor_options=_driver_node_options())
+        self.blocks = blocks
+        self.max_ahead = max_ahead
+        self.sent = 0
+        self.received = 0
+        self.max_in_flight = 0
+        self.error: BaseException | None = None
+        self._cond = threading.Condition()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="semclust-lister", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            for block in self.blocks:
+                n = block.num_rows
+                with self._cond:  # counts rows in flight before this block, so any block fits
+                    while self.sent - self.received > self.max_ahead and not self._stop.is_set():
+                        self._cond.wait(timeout=1.0)
+                if not self._put(block):
+                    return
+                with self._cond:
+                    self.sent += n
+                    self.max_in_flight = max(self.max_in_flight, self.sent - self.received)
+        except BaseException as exc:  # reported by the driver after the pipeline stops
+            self.error = exc
+        self._put(None)  # end of the stream: the read task returns
+
+    def _put(self, item: pa.Table | None) -> bool:
+        from ray.util.queue import Full
+
+        while not self._stop.is_set():
+            try:
+                self.queue.put(item, timeout=1.0)
+                return True
+            except Full:
+                continue
+        return False
+
+    def received_rows(self, n: int) -> None:
+        with self._cond:
+            self.received += n
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        self._stop.set()
+        with self._cond:
+            self._cond.notify_all()
+        self._thread.join(timeout=60)
+        self.queue.shutdown(force=True)
+
+
+def _rows_ahead(ec: EmbedConfig, block_rows: int) -> int:
+    """How many rows may be listed but not yet back at the writer.
+
+    It must exceed what Ray Data can hold back waiting for more input, or the stream stalls:
+    a map operator gathers blocks until it has a whole batch (fewer than ``batch_size`` rows
+    wait per operator), so one block plus the batch sizes of both stages always fits.
+    """
+    held_back = ec.batch_size + ec.decode_batch_size
+    return max(MAX_BLOCKS_AHEAD, 1) * block_rows + held_back
+
+
+def _driver_node_options() -> dict[str, Any]:
+    """No CPU claim, and on the driver's node when possible: the lister's work is I/O, and the
+    driver's node is the one whose loss ends the job anyway."""
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    node = ray.get_runtime_context().get_node_id()
+    return {
+        "num_cpus": 0,
+        "scheduling_strategy": NodeAffinitySchedulingStrategy(node_id=node, soft=True),
+    }
+
+
+def _drain(queue: Any) -> Iterator[pa.Table]:
+    while (block := queue.get(block=True)) is not None:
+        yield block
+
+
+def _feeder_dataset(queue: Any, target_bytes: int) -> Any:
+    """A Ray dataset with one read task: a generator over the feeder's queue.
+
+    ``max_retries=0``: a retried generator would skip as many blocks as the lost attempt had
+    produced and so lose rows (the writer's check would catch it); failing says so directly.
+    """
+    import ray
+    from ray.data import Datasource, ReadTask
+    from ray.data.block import BlockMetadata
+
+    class ListingDatasource(Datasource):
+        def estimate_inmemory_data_size(self) -> int | None:
+            return None
+
+        def get_read_tasks(
+            self, parallelism: int, per_task_row_limit: int | None = None, data_context: Any = None
+        ) -> list[ReadTask]:
+            meta = BlockMetadata(num_rows=None, size_bytes=None, input_files=None, exec_stats=None)
+            return [ReadTask(lambda: _drain(queue), meta, schema=BLOCK_SCHEMA)]
+
+    options = _driver_node_options()
+    with warnings.catch_warnings():
+        # Ray 2.60 deprecates ray_remote_args for reads, but has no named max_retries or soft
+        # node affinity yet.
+        warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
+        ds = ray.data.read_datasource(
+            ListingDatasource(),
+            num_cpus=0,
+            # One output block per block listed: without it Ray Data splits each block into as
+            # many pieces as the parallelism it wanted from the single read task.
+            override_num_blocks=1,
+            ray_remote_args={
+                "max_retries": 0,
+                "scheduling_strategy": options["scheduling_strategy"],
+            },
+        )
+    ds.context.target_max_block_size = target_bytes  # this dataset's own copy
+    return ds
+
+
+def run_embed(cfg: RunConfig) -> dict[str, Any]:
+    """Run the embed stage; returns the record written to run.json under ``stages.embed``.
+
+    The listing is streamed: pages of URIs flow, minus those already committed, into Ray Data
+    while the listing goes on, so the first parts commit before the last page is listed. The
+    driver holds the listed ids (8 bytes per image) and a bounded window of rows, never the
+    listing itself.
+    """
     from ray.data import ActorPoolStrategy
 
     from semclust.ray_runtime import ensure_ray, use_gpu
@@ -356,76 +640,97 @@ def run_embed(cfg: RunConfig) -> dict[str, Any]:
     _validate_weights(ec)
     storage.check_access(run_dir, must_exist=False)
     start = time.perf_counter()
-    listing = list_inputs(ec.input)
-    if not listing.uris:
+    stream = InputStream(ec.input, page_size=LIST_PAGE_SIZE)
+    pages = stream.pages()
+    first_page = next(pages, None)  # errors in the input stop here, before the run dir changes
+    if first_page is None:
         raise ValueError(
-            f"no images found under {ec.input!r} ({listing.skipped} non-image files skipped)"
+            f"no images found under {ec.input!r} ({stream.skipped} non-image files skipped)"
         )
     prepare_run_dir(run_dir, cfg.mode, "embed")
     _check_resume_compatible(run_dir, ec)
     # Record the settings now, so that a resume after a crash is checked against them.
     runinfo.update_stage(run_dir, "embed", {"status": "running"}, cfg.to_dict())
     done, next_part = committed_state(run_dir)
-    listed_ids = {storage.image_id_for(u) for u in listing.uris}
-    todo = [i for i, u in enumerate(listing.uris) if storage.image_id_for(u) not in done]
-    log.info(
-        "embed: %d images listed, %d already committed, %d to do",
-        len(listing.uris),
-        len(listing.uris) - len(todo),
-        len(todo),
+    log.info("embed: %d images already committed in %s; listing %s", len(done), run_dir, ec.input)
+    progress = ListingProgress()
+    block_rows = ec.decode_batch_size * 4
+    blocks = todo_blocks(
+        itertools.chain([first_page], pages),
+        done,
+        next_part,
+        ec.rows_per_part,
+        block_rows,
+        progress,
     )
+    first_block = next(blocks, None)  # nothing to do: no Ray needed
     spec = EmbedderSpec.from_config(ec)
     dim = get_backbone(ec.backbone).dim
     processed = 0
-    if todo:
+    if first_block is not None:
         ensure_ray(cfg.ray)
         gpu = use_gpu(ec.device)
         spec = EmbedderSpec.from_config(ec, gpu=gpu)
-        parts = np.arange(len(todo)) // ec.rows_per_part + next_part
-        expected = {
-            int(p): int(c) for p, c in zip(*np.unique(parts, return_counts=True), strict=True)
-        }
-        table = listing.table().take(pa.array(todo, pa.int64()))
-        table = table.append_column("part", pa.array(parts))
-        block_rows = ec.decode_batch_size * 4
-        blocks = [table.slice(i, block_rows) for i in range(0, table.num_rows, block_rows)]
-        ds = ray.data.from_arrow(blocks)
-        ds = ds.map_batches(
-            decode_stage,
-            fn_kwargs={
-                "size": spec.input_size,
-                "resize": spec.resize,
-                "max_pixels": ec.max_image_pixels,
-                "s3": storage.s3_options(),
-            },
-            batch_size=ec.decode_batch_size,
-            batch_format="numpy",
-            num_cpus=ec.decode_num_cpus,
-        )
-        ds = ds.map_batches(
-            EmbedActor,
-            fn_constructor_kwargs={"spec": spec, "s3": storage.s3_options()},
-            batch_size=ec.batch_size,
-            batch_format="numpy",
-            compute=ActorPoolStrategy(
-                min_size=ec.num_actors, max_size=ec.max_actors or ec.num_actors
-            ),
-            num_cpus=ec.actor_num_cpus,
-            num_gpus=1 if gpu else 0,
-        )
-        writer = None
-        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-            if writer is None:
-                dim = int(np.asarray(batch["embedding"]).shape[1])
-                writer = PartWriter(run_dir, expected, dim)
-            writer.add(batch)
-        if writer is None:
-            raise RuntimeError("the embedding pipeline returned no rows")
-        writer.check_complete()
+        feeder = _Feeder(itertools.chain([first_block], blocks), _rows_ahead(ec, block_rows))
+        try:
+            feeder.start()
+            ds = _feeder_dataset(feeder.queue, read_block_bytes(block_rows))
+            ds = ds.map_batches(
+                decode_stage,
+                fn_kwargs={
+                    "size": spec.input_size,
+                    "resize": spec.resize,
+                    "max_pixels": ec.max_image_pixels,
+                    "s3": storage.s3_options(),
+                },
+                batch_size=ec.decode_batch_size,
+                batch_format="numpy",
+                num_cpus=ec.decode_num_cpus,
+            )
+            ds = ds.map_batches(
+                EmbedActor,
+                fn_constructor_kwargs={"spec": spec, "s3": storage.s3_options()},
+                batch_size=ec.batch_size,
+                batch_format="numpy",
+                compute=ActorPoolStrategy(
+                    min_size=ec.num_actors, max_size=ec.max_actors or ec.num_actors
+                ),
+                num_cpus=ec.actor_num_cpus,
+                num_gpus=1 if gpu else 0,
+            )
+            writer: PartWriter | None = None
+            logged_parts = 0
+            for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                if writer is None:
+                    dim = int(np.asarray(batch["embedding"]).shape[1])
+                    writer = PartWriter(run_dir, ec.rows_per_part, dim)
+                writer.add(batch)
+                feeder.received_rows(len(batch["part"]))
+                if writer.parts_committed != logged_parts:
+                    logged_parts = writer.parts_committed
+                    _log_progress(stream, progress, writer)
+        finally:
+            feeder.close()
+        if feeder.error is not None:
+            raise feeder.error
+        writer = writer or PartWriter(run_dir, ec.rows_per_part, dim)
+        writer.finish(progress.rows_sent, next_part)
+        _log_progress(stream, progress, writer)
         processed = writer.rows_written
+    if not stream.done:
+        raise RuntimeError("the listing did not reach its end")  # a bug, not a user error
+    log.info(
+        "embed: %d images listed, %d already committed, %d to do (%d pages, %.1f s listing)",
+        stream.listed,
+        progress.already_committed,
+        progress.rows_sent,
+        stream.pages_yielded,
+        stream.seconds or 0.0,
+    )
     seconds = time.perf_counter() - start
+    listed_ids = stream.listed_ids()
     counts = count_outputs(run_dir, listed_ids)
-    listed = len(listing.uris)
+    listed = len(listed_ids)
     if counts["duplicates"]:
         raise RuntimeError(f"{counts['duplicates']} image ids appear twice in {run_dir}")
     if counts["embedded"] + counts["failed"] != listed:
@@ -438,10 +743,13 @@ def run_embed(cfg: RunConfig) -> dict[str, Any]:
         "listed": listed,
         "embedded": counts["embedded"],
         "failed": counts["failed"],
-        "skipped_non_image": listing.skipped,
-        "duplicate_uris": listing.duplicates,
+        "skipped_non_image": stream.skipped,
+        "duplicate_uris": stream.duplicates,
         "stale_rows": counts["stale"],
+        "already_committed": progress.already_committed,
         "processed_this_run": processed,
+        "listing_pages": stream.pages_yielded,
+        "listing_seconds": round(stream.seconds or 0.0, 3),
         "dim": dim,
         "embedder": asdict(spec),
         "seconds": round(seconds, 3),
@@ -449,6 +757,17 @@ def run_embed(cfg: RunConfig) -> dict[str, Any]:
     }
     runinfo.update_stage(run_dir, "embed", record, cfg.to_dict())
     return record
+
+
+def _log_progress(stream: InputStream, progress: ListingProgress, writer: PartWriter) -> None:
+    log.info(
+        "embed: %d images listed%s, %d already committed, %d to do, %d done",
+        stream.listed,
+        "" if stream.done else " so far",
+        progress.already_committed,
+        progress.rows_sent,
+        writer.rows_written,
+    )
 
 
 def _require_run_dir(cfg: RunConfig) -> str:

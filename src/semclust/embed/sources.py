@@ -1,8 +1,21 @@
 """Where images come from: a folder or prefix, a manifest of URIs, or WebDataset-style tar shards.
 
-Every source becomes a ``Listing``: sorted URIs, and for images inside tar shards the byte range
-of each member, so a decode task reads a member with one ranged read instead of scanning the tar.
-A member's URI is ``<tar URI>#<member name>``.
+Every source is listed as a stream of pages (``pyarrow.Table``: ``uri``, ``offset``, ``size``,
+``image_id``), so that a catalogue of tens of millions of images never sits on the driver as
+Python objects. ``InputStream`` yields the pages and keeps the counts (skipped, duplicates) and
+the listed ids (a compact sorted numpy array, 8 bytes per image, used for de-duplication and the
+final ``listed = embedded + failed`` check).
+
+Order: folders and prefixes come in sorted URI order (S3 keys in binary order, a local tree
+walked directory by directory); tar shards tar by tar, each tar's members sorted, which is the
+sorted order of the member URIs; manifests in their own row order (deterministic, and sorting a
+catalogue of millions would need it all in memory). For images inside tar shards, ``offset`` and
+``size`` give the member's byte range, so a decode task reads it with one ranged read; a
+member's URI is ``<tar URI>#<member name>``. ``offset``/``size`` are -1 for whole files.
+
+``list_inputs``/``list_images`` gather a stream into a ``Listing`` (a Python list), a
+convenience for small inputs (reference images, search queries); the embed stage consumes the
+stream itself.
 """
 
 from __future__ import annotations
@@ -10,8 +23,12 @@ from __future__ import annotations
 import logging
 import posixpath
 import tarfile
+import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
+import numpy as np
 import pyarrow as pa
 
 from semclust import storage
@@ -22,6 +39,16 @@ log = logging.getLogger(__name__)
 _SNIFF_BYTES = 64
 MANIFEST_SUFFIXES = (".parquet", ".csv")
 TAR_SUFFIXES = (".tar",)
+PAGE_SIZE = storage.LIST_PAGE_SIZE  # rows per listing page (and S3 keys per request)
+
+PAGE_SCHEMA = pa.schema(
+    [
+        ("uri", pa.string()),
+        ("offset", pa.int64()),
+        ("size", pa.int64()),
+        ("image_id", pa.int64()),
+    ]
+)
 
 
 @dataclass(frozen=True)
@@ -45,6 +72,81 @@ class Listing:
         )
 
 
+# --- compact id sets -----------------------------------------------------------------------------
+
+
+def isin_sorted(values: np.ndarray, sorted_ids: np.ndarray) -> np.ndarray:
+    """``np.isin(values, sorted_ids)`` for an already sorted array, by binary search."""
+    values = np.asarray(values, dtype=np.int64)
+    if len(sorted_ids) == 0 or len(values) == 0:
+        return np.zeros(len(values), dtype=bool)
+    idx = np.minimum(np.searchsorted(sorted_ids, values), len(sorted_ids) - 1)
+    return sorted_ids[idx] == values
+
+
+class IdSet:
+    """A growing set of int64 ids: 8 bytes per id, no Python object per id.
+
+    Kept as a few sorted, disjoint numpy runs; a run is merged into the previous one when that is
+    at most twice its size (a log-structured merge), so there are O(log n) runs and each id is
+    copied O(log n) times in all.
+    """
+
+    def __init__(self) -> None:
+        self._runs: list[np.ndarray] = []
+
+    def __len__(self) -> int:
+        return sum(len(r) for r in self._runs)
+
+    def add_new(self, ids: np.ndarray) -> np.ndarray:
+        """Add ``ids``; returns the mask of those not seen before (first occurrence only)."""
+        ids = np.asarray(ids, dtype=np.int64)
+        uniq, first = np.unique(ids, return_index=True)
+        seen = np.zeros(len(uniq), dtype=bool)
+        for run in self._runs:
+            seen |= isin_sorted(uniq, run)
+        mask = np.zeros(len(ids), dtype=bool)
+        mask[first[~seen]] = True
+        new = uniq[~seen]
+        if len(new):
+            self._runs.append(new)
+            while len(self._runs) > 1 and len(self._runs[-2]) <= 2 * len(self._runs[-1]):
+                last = self._runs.pop()
+                self._runs[-1] = np.sort(np.concatenate([self._runs[-1], last]))
+        return mask
+
+    def sorted(self) -> np.ndarray:
+        """All ids, sorted (merges the runs into one)."""
+        if not self._runs:
+            return np.empty(0, dtype=np.int64)
+        if len(self._runs) > 1:
+            self._runs = [np.sort(np.concatenate(self._runs))]
+        return self._runs[0]
+
+
+def ids_for(uris: Iterable[str]) -> np.ndarray:
+    """Image ids of URIs as an int64 array."""
+    return np.fromiter((storage.image_id_for(u) for u in uris), dtype=np.int64)
+
+
+# --- the streamed listing ------------------------------------------------------------------------
+
+
+def _page(
+    uris: list[str], offsets: list[int] | None = None, sizes: list[int] | None = None
+) -> pa.Table:
+    n = len(uris)
+    return pa.table(
+        {
+            "uri": pa.array(uris, pa.string()),
+            "offset": pa.array(offsets if offsets is not None else [-1] * n, pa.int64()),
+            "size": pa.array(sizes if sizes is not None else [-1] * n, pa.int64()),
+            "image_id": pa.array(ids_for(uris), pa.int64()),
+        },
+        schema=PAGE_SCHEMA,
+    )
+
+
 def _is_manifest(uri: str) -> bool:
     return uri.lower().endswith(MANIFEST_SUFFIXES) and not storage.is_dir(uri)
 
@@ -53,68 +155,163 @@ def _is_tar(uri: str) -> bool:
     return uri.lower().endswith(TAR_SUFFIXES)
 
 
-def list_inputs(input_uri: str) -> Listing:
-    """Dispatch on the input: a manifest file, tar shard(s), or a folder/prefix of images."""
-    storage.check_access(input_uri, must_exist=True)
-    if _is_manifest(input_uri):
-        return list_manifest(input_uri)
-    files = list(storage.list_files(input_uri))
-    tars = [(u, s) for u, s in files if _is_tar(u)]
-    if tars and len(tars) == len(files):
-        return list_tar_shards([u for u, _ in tars])
-    if tars:
-        log.warning("ignoring %d tar files mixed with loose images under %s", len(tars), input_uri)
-    return _images_from_files([(u, s) for u, s in files if not _is_tar(u)])
+class InputStream:
+    """The streamed listing of one input: iterate ``pages()`` once, then read the counts.
 
-
-def _images_from_files(files: list[tuple[str, int]]) -> Listing:
-    uris: list[str] = []
-    skipped = 0
-    for uri, size in files:
-        if is_image_candidate(uri):
-            uris.append(uri)
-            continue
-        head = b""
-        if size > 0:
-            fs, path = storage.resolve(uri)
-            with fs.open_input_stream(path) as f:
-                head = f.read(_SNIFF_BYTES)
-        if is_image_candidate(uri, head):
-            uris.append(uri)
-        else:
-            skipped += 1
-    uris.sort()
-    return Listing(uris, skipped)
-
-
-def list_images(input_uri: str) -> Listing:
-    """Every image under a folder/prefix (recursively), by extension or, failing that, content."""
-    return _images_from_files(list(storage.list_files(input_uri)))
-
-
-def list_manifest(manifest_uri: str) -> Listing:
-    """URIs from the ``uri`` column of a Parquet or CSV manifest (local paths made absolute).
-
-    Every row is listed, whatever its extension: a manifest is the user's explicit choice, and a
-    URI that is not an image ends as a failures/ row rather than vanishing.
+    Counts grow while the pages are consumed: ``listed`` (unique images yielded so far),
+    ``skipped`` (files that are not images), ``duplicates`` (repeated URIs, yielded once),
+    ``pages`` (pages yielded), ``seconds`` (wall time spent listing, set when it ends).
     """
+
+    def __init__(
+        self, input_uri: str, *, page_size: int = PAGE_SIZE, s3_client: Any = None
+    ) -> None:
+        self.input_uri = input_uri
+        self.page_size = page_size
+        self.s3_client = s3_client
+        self.listed = 0
+        self.skipped = 0
+        self.duplicates = 0
+        self.pages_yielded = 0
+        self.seconds: float | None = None
+        self.done = False
+        self._ids = IdSet()
+
+    def pages(self) -> Iterator[pa.Table]:
+        """Pages of unique images (``PAGE_SCHEMA``), fetched only as they are consumed."""
+        storage.check_access(self.input_uri, must_exist=True)
+        busy = 0.0  # time inside the listing, not in the consumer
+        t0 = time.perf_counter()
+        for page in self._raw_pages():
+            if page.num_rows == 0:
+                continue
+            mask = self._ids.add_new(page.column("image_id").to_numpy())
+            self.duplicates += int(page.num_rows - mask.sum())
+            if not mask.all():
+                page = page.filter(pa.array(mask))
+            if page.num_rows == 0:
+                continue
+            self.listed += page.num_rows
+            self.pages_yielded += 1
+            busy += time.perf_counter() - t0
+            yield page
+            t0 = time.perf_counter()
+        self.seconds = busy + time.perf_counter() - t0
+        self.done = True
+
+    def listed_ids(self) -> np.ndarray:
+        """Sorted ids of every image yielded so far."""
+        return self._ids.sorted()
+
+    def _raw_pages(self) -> Iterator[pa.Table]:
+        uri = self.input_uri
+        if _is_manifest(uri):
+            yield from self._manifest_pages(uri)
+            return
+        # Tar shards count as the input only when every file is one (as before the listing was
+        # streamed); while only tars have been seen, their URIs (one per shard, not per image)
+        # are held, and the first loose file turns them into ignored files.
+        pending_tars: list[pa.Table] = []
+        loose = False
+        ignored_tars = 0
+        for files in storage.iter_file_pages(
+            uri, page_size=self.page_size, s3_client=self.s3_client
+        ):
+            tar_mask = np.array([_is_tar(u) for u in files.column("uri").to_pylist()], dtype=bool)
+            if not loose:
+                if tar_mask.all():
+                    pending_tars.append(files)
+                    continue
+                loose = True
+                ignored_tars += sum(t.num_rows for t in pending_tars)
+                pending_tars = []
+            ignored_tars += int(tar_mask.sum())
+            yield self._image_page(files.filter(pa.array(~tar_mask)))
+        if not loose and pending_tars:
+            tars = pa.concat_tables(pending_tars).column("uri").to_pylist()
+            yield from self._tar_pages(tars)
+        if ignored_tars:
+            log.warning("ignoring %d tar files mixed with loose images under %s", ignored_tars, uri)
+
+    def _image_page(self, files: pa.Table) -> pa.Table:
+        """Images of one page of files: by extension, else by sniffing the first bytes."""
+        uris: list[str] = []
+        for uri, size in zip(
+            files.column("uri").to_pylist(), files.column("size").to_pylist(), strict=True
+        ):
+            if is_image_candidate(uri) or is_image_candidate(uri, _head(uri, size)):
+                uris.append(uri)
+            else:
+                self.skipped += 1
+        return _page(uris)
+
+    def _manifest_pages(self, manifest_uri: str) -> Iterator[pa.Table]:
+        base = posixpath.dirname(storage.canonical_uri(manifest_uri))
+        for batch in _manifest_columns(manifest_uri, self.page_size):
+            # CSV batches follow the reader's block size (1 MB); pages keep to page_size rows.
+            for start in range(0, len(batch), self.page_size):
+                column = batch.slice(start, self.page_size)
+                raw = [u for u in column.to_pylist() if u]
+                self.skipped += len(column) - len(raw)  # empty rows
+                yield _page([_manifest_uri(u, base) for u in raw])
+
+    def _tar_pages(self, tar_uris: list[str]) -> Iterator[pa.Table]:
+        # Sorting by "<tar>#" keeps the member URIs in their global sorted order across tars.
+        for tar_uri in sorted(tar_uris, key=lambda u: u + "#"):
+            rows: list[tuple[str, int, int]] = []
+            fs, path = storage.resolve(tar_uri)
+            with fs.open_input_file(path) as f, tarfile.open(fileobj=f, mode="r:") as tar:
+                for member in tar:
+                    if not member.isfile():
+                        continue
+                    if member.name.rsplit("/", 1)[-1].startswith(".") or not is_image_candidate(
+                        member.name
+                    ):
+                        self.skipped += 1  # WebDataset side files: .cls, .json, .txt
+                        continue
+                    rows.append((f"{tar_uri}#{member.name}", member.offset_data, member.size))
+            rows.sort()
+            for start in range(0, len(rows), self.page_size):
+                chunk = rows[start : start + self.page_size]
+                yield _page([r[0] for r in chunk], [r[1] for r in chunk], [r[2] for r in chunk])
+
+
+def _head(uri: str, size: int) -> bytes:
+    if size <= 0:
+        return b""
+    fs, path = storage.resolve(uri)
+    with fs.open_input_stream(path) as f:
+        return f.read(_SNIFF_BYTES)
+
+
+def _manifest_columns(manifest_uri: str, batch_rows: int) -> Iterator[pa.Array]:
+    """The ``uri`` column of a Parquet or CSV manifest, batch by batch (never read whole)."""
+    fs, path = storage.resolve(manifest_uri)
     if manifest_uri.lower().endswith(".csv"):
         import pyarrow.csv as pacsv
 
-        fs, path = storage.resolve(manifest_uri)
         with fs.open_input_stream(path) as f:
-            table = pacsv.read_csv(f)
-    else:
-        table = storage.read_parquet(manifest_uri)
-    if "uri" not in table.column_names:
-        raise ValueError(
-            f"manifest {manifest_uri!r} needs a 'uri' column; it has {table.column_names}"
+            names = pacsv.open_csv(f).schema.names
+        _require_uri_column(manifest_uri, names)
+        convert = pacsv.ConvertOptions(
+            include_columns=["uri"], column_types={"uri": pa.string()}, strings_can_be_null=True
         )
-    raw = [u for u in table.column("uri").to_pylist() if u]
-    base = posixpath.dirname(storage.canonical_uri(manifest_uri))
-    canon = {_manifest_uri(u, base) for u in raw}
-    skipped = table.num_rows - len(raw)  # empty rows
-    return Listing(sorted(canon), skipped=skipped, duplicates=len(raw) - len(canon))
+        with fs.open_input_stream(path) as f:
+            for batch in pacsv.open_csv(f, convert_options=convert):
+                yield batch.column(0)
+        return
+    import pyarrow.parquet as pq
+
+    with fs.open_input_file(path) as f:
+        pf = pq.ParquetFile(f)
+        _require_uri_column(manifest_uri, pf.schema_arrow.names)
+        for batch in pf.iter_batches(batch_size=batch_rows, columns=["uri"]):
+            yield batch.column(0)
+
+
+def _require_uri_column(manifest_uri: str, names: list[str]) -> None:
+    if "uri" not in names:
+        raise ValueError(f"manifest {manifest_uri!r} needs a 'uri' column; it has {names}")
 
 
 def _manifest_uri(uri: str, base: str) -> str:
@@ -125,26 +322,53 @@ def _manifest_uri(uri: str, base: str) -> str:
     return storage.canonical_uri(posixpath.join(base[len("file://") :], uri))
 
 
+# --- whole listings, for small inputs ------------------------------------------------------------
+
+
+def _gather(stream: InputStream, pages: Iterable[pa.Table] | None = None) -> Listing:
+    tables = list(pages if pages is not None else stream.pages())
+    table = pa.concat_tables(tables) if tables else _page([])
+    offsets = table.column("offset").to_pylist()
+    whole = all(o < 0 for o in offsets)
+    return Listing(
+        table.column("uri").to_pylist(),
+        skipped=stream.skipped,
+        duplicates=stream.duplicates,
+        offsets=[] if whole else offsets,
+        sizes=[] if whole else table.column("size").to_pylist(),
+    )
+
+
+def list_inputs(input_uri: str) -> Listing:
+    """The whole streamed listing of an input (manifest, tar shards or folder) as one list.
+
+    For small inputs; the embed stage streams ``InputStream(input_uri).pages()`` instead.
+    """
+    return _gather(InputStream(input_uri))
+
+
+def list_images(input_uri: str) -> Listing:
+    """Every image under a folder/prefix (recursively), by extension or, failing that, content."""
+    stream = InputStream(input_uri)
+    pages = (
+        stream._image_page(files) for files in storage.iter_file_pages(input_uri)
+    )  # tar files here are plain files, as before
+    return _gather(stream, pages)
+
+
+def list_manifest(manifest_uri: str) -> Listing:
+    """URIs from the ``uri`` column of a Parquet or CSV manifest (local paths made absolute).
+
+    Every row is listed, whatever its extension: a manifest is the user's explicit choice, and a
+    URI that is not an image ends as a failures/ row rather than vanishing.
+    """
+    return list_inputs(manifest_uri)
+
+
 def list_tar_shards(tar_uris: list[str]) -> Listing:
     """Image members of tar shards with their byte ranges; headers only, data is skipped."""
-    rows: list[tuple[str, int, int]] = []
-    skipped = 0
-    for tar_uri in sorted(tar_uris):
-        fs, path = storage.resolve(tar_uri)
-        with fs.open_input_file(path) as f, tarfile.open(fileobj=f, mode="r:") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                if member.name.rsplit("/", 1)[-1].startswith(".") or not is_image_candidate(
-                    member.name
-                ):
-                    skipped += 1  # WebDataset side files: .cls, .json, .txt
-                    continue
-                rows.append((f"{tar_uri}#{member.name}", member.offset_data, member.size))
-    rows.sort()
-    return Listing(
-        [r[0] for r in rows], skipped, offsets=[r[1] for r in rows], sizes=[r[2] for r in rows]
-    )
+    stream = InputStream(tar_uris[0] if tar_uris else "")
+    return _gather(stream, stream._tar_pages(list(tar_uris)))
 
 
 def read_image_bytes(uri: str, offset: int = -1, size: int = -1) -> bytes:
