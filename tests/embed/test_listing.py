@@ -390,3 +390,36 @@ def test_embed_streams_pages_into_parts_across_page_boundaries(
     again = run_embed(cfg)
     assert again["processed_this_run"] == 0 and again["already_committed"] == 75
     assert (again["listed"], again["embedded"], again["failed"]) == (75, 72, 3)
+
+
+def test_padded_blocks_leave_the_read_task_at_once_and_decode_ignores_the_pad(tmp_path):
+    """A URI block must exceed the dataset's block target by itself (else Ray Data holds it in
+    the never-ending read task), and the pad must not reach the embeddings."""
+    from semclust.embed.pipeline import (
+        PAD_COLUMN,
+        READ_TARGET_BYTES,
+        decode_stage,
+        pad_block,
+    )
+
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(tmp_path / "red.png")
+    uris = [f"file://{tmp_path}/red.png"] * 3
+    for n in (1, 3):
+        block = pa.table(
+            {
+                "uri": uris[:n],
+                "offset": pa.array([-1] * n, pa.int64()),
+                "size": pa.array([-1] * n, pa.int64()),
+                "part": pa.array([7] * n, pa.int64()),
+            }
+        )
+        padded = pad_block(block)
+        assert padded.nbytes > READ_TARGET_BYTES > block.nbytes
+        assert padded.nbytes < READ_TARGET_BYTES + 64 * 1024  # a little over, not double
+        assert padded.drop_columns([PAD_COLUMN]).equals(block)
+        batch = {
+            name: padded.column(name).to_numpy(zero_copy_only=False) for name in padded.column_names
+        }
+        out = decode_stage(batch, size=32, resize="squash", max_pixels=10**7)
+        assert PAD_COLUMN not in out and out["pixels"].shape == (n, 32, 32, 3)
+        assert list(out["part"]) == [7] * n and list(out["error"]) == [""] * n

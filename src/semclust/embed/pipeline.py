@@ -421,7 +421,6 @@ def todo_blocks(
     rows_per_part: int,
     block_rows: int,
     progress: ListingProgress | None = None,
-    min_bytes: int = 0,
 ) -> Iterator[pa.Table]:
     """Blocks (``uri``, ``offset``, ``size``, ``part``) of the listed images not yet committed.
 
@@ -429,8 +428,7 @@ def todo_blocks(
     The i-th to-do row goes to part ``next_part + i // rows_per_part``: every part but the last
     is full, which is what lets ``PartWriter`` commit a part without knowing the total. Blocks
     are fresh copies (not slices of a page), so a block shipped to a worker carries only itself,
-    and each (but the last) holds at least ``block_rows`` rows and more than ``min_bytes``
-    bytes (``min_bytes``, 0 by default: blocks of exactly ``block_rows``).
+    and each but the last holds exactly ``block_rows`` rows.
     """
     progress = progress if progress is not None else ListingProgress()
     buf: list[pa.Table] = []
@@ -454,26 +452,11 @@ def todo_blocks(
         buffered += page.num_rows
         while buffered >= block_rows:
             table = pa.concat_tables(buf)
-            n = _block_end(table, block_rows, min_bytes)
-            if n is None:
-                break  # not min_bytes yet: wait for the next page
-            yield number(table.slice(0, n))
-            rest = table.slice(n)
+            yield number(table.slice(0, block_rows))
+            rest = table.slice(block_rows)
             buf, buffered = ([rest] if rest.num_rows else []), rest.num_rows
     if buffered:
         yield number(pa.concat_tables(buf))
-
-
-def _block_end(table: pa.Table, min_rows: int, min_bytes: int) -> int | None:
-    """Rows of the next block: at least ``min_rows``, and more than ``min_bytes`` as a block
-    (``uri``, ``offset``, ``size``, ``part``: 28 bytes a row plus the URI); None if the table
-    is not that big yet."""
-    lengths = pc.binary_length(table.column("uri")).to_numpy(zero_copy_only=False)
-    cum = np.cumsum(lengths.astype(np.int64) + 28)
-    first = int(np.searchsorted(cum, min_bytes, side="right"))  # rows 0..first exceed it
-    if first >= len(cum):
-        return None
-    return max(min_rows, first + 1)
 
 
 # Ray Data buffers a task's output until it exceeds the dataset's target block size (128 MB by
