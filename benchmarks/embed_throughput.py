@@ -94,6 +94,8 @@ def bench_backbone(
         embedder.model.predict(pixels[i : i + 1], verbose=0)
     naive_s = time.perf_counter() - start
 
+    if record["failed"] or double["failed"]:
+        raise RuntimeError(f"benchmark images failed: {record['failed']} + {double['failed']}")
     a = record["embedded"] / pipeline_s
     marginal = extra / (double_s - warm_s) if double_s > warm_s else float("nan")
     b = len(pixels) / bare_s
@@ -149,13 +151,14 @@ def main() -> None:
         build_demo_images(folder, per_class=count, seed=seed)
         shutil.rmtree(folder / "_unusable")  # only decodable images, so (a) and (b) see the same
     n = sum(1 for f in folders[0].rglob("*") if f.is_file() and f.suffix != ".txt")
-    server = None
+    server = s3_sources = None
+    if "s3" in args.source:
+        # Before Ray starts: its workers read the credentials from the environment they start in.
+        server, s3_sources = _images_on_s3(folders, workdir)
     ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
     try:
         for source in args.source:
-            sources = (str(folders[0]), str(folders[1]))
-            if source == "s3":
-                server, sources = _images_on_s3(folders, workdir)
+            sources = s3_sources if source == "s3" else (str(folders[0]), str(folders[1]))
             for backbone in args.backbones:
                 result = bench_backbone(
                     backbone, folders[0], sources, n, args.batch_size, args.naive, args.threads
