@@ -36,13 +36,21 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
 from semclust import storage
 from semclust.clustering.kmeans import ASSIGNMENTS_DIR, read_assignments
 from semclust.embed.pipeline import EMBEDDINGS_DIR
 
 log = logging.getLogger(__name__)
+
+
+def _sk() -> Any:
+    """scikit-learn's metrics, imported when first needed: importing them costs seconds, which
+    every ``semclust`` command (even ``--help``) would pay, since the CLI builds this parser."""
+    import sklearn.metrics
+
+    return sklearn.metrics
+
 
 METRICS_FILE = "metrics.json"
 LABELS_DIR = "labels"
@@ -143,8 +151,8 @@ def clustering_scores(truth: Sequence[Any], pred: Sequence[Any]) -> dict[str, fl
         raise ValueError("truth and predictions must be non-empty and of equal length")
     return {
         "acc": cluster_accuracy(truth, pred),
-        "nmi": float(normalized_mutual_info_score(truth, pred)),
-        "ari": float(adjusted_rand_score(truth, pred)),
+        "nmi": float(_sk().normalized_mutual_info_score(truth, pred)),
+        "ari": float(_sk().adjusted_rand_score(truth, pred)),
         "purity": purity(truth, pred),
         "n": len(truth),
     }
@@ -194,8 +202,8 @@ def seed_stability(
         )
         runs.append(assign(x, centroids, spherical)[0][:, 0])
     pairs = list(combinations(range(len(runs)), 2))
-    aris = [adjusted_rand_score(runs[a], runs[b]) for a, b in pairs]
-    nmis = [normalized_mutual_info_score(runs[a], runs[b]) for a, b in pairs]
+    aris = [_sk().adjusted_rand_score(runs[a], runs[b]) for a, b in pairs]
+    nmis = [_sk().normalized_mutual_info_score(runs[a], runs[b]) for a, b in pairs]
     return {
         "seeds": [int(s) for s in seeds],
         "rows": len(x),
