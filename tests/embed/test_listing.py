@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import os
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -26,22 +25,13 @@ from semclust.embed.pipeline import (
     todo_blocks,
 )
 from semclust.embed.sources import IdSet, InputStream, isin_sorted, read_image_bytes
+from tests.embed.files import tar_bytes
 
 
 def _jpeg(seed: int, size: int = 24) -> bytes:
     rng = np.random.default_rng(seed)
     buf = io.BytesIO()
     Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(buf, "JPEG")
-    return buf.getvalue()
-
-
-def _tar(members: dict[str, bytes]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
     return buf.getvalue()
 
 
@@ -212,10 +202,12 @@ def test_manifests_stream_in_batches_with_duplicates(tmp_path):
 def test_tar_shards_stream_tar_by_tar(tmp_path):
     blobs = {i: _jpeg(i) for i in range(12)}
     (tmp_path / "s-001.tar").write_bytes(
-        _tar({f"k{i:02d}.jpg": blobs[i] for i in range(6, 12)} | {"k06.cls": b"1"})
+        tar_bytes({f"k{i:02d}.jpg": blobs[i] for i in range(6, 12)} | {"k06.cls": b"1"})
     )
     (tmp_path / "s-000.tar").write_bytes(
-        _tar({f"z/k{i:02d}.png": blobs[i] for i in (3, 1, 2)} | {"k0.json": b"{}", "k00.jpg": b""})
+        tar_bytes(
+            {f"z/k{i:02d}.png": blobs[i] for i in (3, 1, 2)} | {"k0.json": b"{}", "k00.jpg": b""}
+        )
     )
     stream = InputStream(str(tmp_path), page_size=2)
     pages = list(stream.pages())

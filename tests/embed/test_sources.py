@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import tarfile
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -13,21 +12,12 @@ from PIL import Image
 from semclust import storage
 from semclust.embed.decode import decode_image
 from semclust.embed.sources import list_inputs, list_tar_shards, read_image_bytes
+from tests.embed.files import tar_bytes
 
 
 def _jpeg(color: tuple[int, int, int], size: int = 40) -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", (size, size), color).save(buf, "JPEG")
-    return buf.getvalue()
-
-
-def _tar(members: dict[str, bytes]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
     return buf.getvalue()
 
 
@@ -63,8 +53,10 @@ def test_manifest_parquet_and_csv(tmp_path):
 
 def test_tar_members_read_by_byte_range(tmp_path):
     red, blue = _jpeg((255, 0, 0)), _jpeg((0, 0, 255))
-    (tmp_path / "shard-000.tar").write_bytes(_tar({"k1.jpg": red, "k1.cls": b"3", "k2.jpg": blue}))
-    (tmp_path / "shard-001.tar").write_bytes(_tar({"dir/k3.png": red}))
+    (tmp_path / "shard-000.tar").write_bytes(
+        tar_bytes({"k1.jpg": red, "k1.cls": b"3", "k2.jpg": blue})
+    )
+    (tmp_path / "shard-001.tar").write_bytes(tar_bytes({"dir/k3.png": red}))
     listing = list_inputs(str(tmp_path))
     assert listing.uris == [
         f"file://{tmp_path}/shard-000.tar#k1.jpg",
@@ -81,7 +73,9 @@ def test_sources_on_s3(s3_server, s3_bucket):
     client = s3_server.client()
     client.put_object(Bucket=s3_bucket, Key="img/a.jpg", Body=_jpeg((9, 9, 9)))
     client.put_object(Bucket=s3_bucket, Key="img/sub/b.webp", Body=_jpeg((9, 9, 9)))
-    client.put_object(Bucket=s3_bucket, Key="shards/s0.tar", Body=_tar({"x.jpg": _jpeg((0, 9, 0))}))
+    client.put_object(
+        Bucket=s3_bucket, Key="shards/s0.tar", Body=tar_bytes({"x.jpg": _jpeg((0, 9, 0))})
+    )
     client.put_object(Bucket=s3_bucket, Key="m.csv", Body=b"uri\nimg/a.jpg\n")
     storage.configure_s3(storage.s3_options_from_env())
     assert list_inputs(f"s3://{s3_bucket}/img").uris == [
