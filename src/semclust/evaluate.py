@@ -39,6 +39,7 @@ import pyarrow.compute as pc
 
 from semclust import storage
 from semclust.clustering.kmeans import ASSIGNMENTS_DIR, read_assignments
+from semclust.clustering.shards import read_clusters, rows_of_ids
 from semclust.embed.pipeline import EMBEDDINGS_DIR
 
 log = logging.getLogger(__name__)
@@ -229,12 +230,7 @@ class _Rows:
 
     def rows_of(self, image_ids: np.ndarray) -> np.ndarray:
         """Rows int64 (same shape) of image ids; -1 for ids not in the run."""
-        flat = np.asarray(image_ids, dtype=np.int64).ravel()
-        if not len(self.ids):
-            return np.full(flat.shape, -1, dtype=np.int64).reshape(np.shape(image_ids))
-        pos = np.minimum(np.searchsorted(self.ids, flat, sorter=self.order), len(self.ids) - 1)
-        rows = self.order[pos]
-        return np.where(self.ids[rows] == flat, rows, -1).reshape(np.shape(image_ids))
+        return rows_of_ids(self.ids, self.order, image_ids)
 
 
 def _read_rows(run_dir: str, with_uris: bool) -> _Rows:
@@ -299,17 +295,6 @@ def available_assignments(run_dir: str) -> dict[str, str]:
     ):
         if storage.list_shards(storage.join(run_dir, folder)):
             out[name] = folder
-    return out
-
-
-def _read_clusters(run_dir: str, folder: str, rows: _Rows) -> np.ndarray:
-    """Cluster int64 (n,) of each row from an assignments folder; -1 where a row has none."""
-    out = np.full(len(rows.ids), -1, dtype=np.int64)
-    for uri in storage.list_shards(storage.join(run_dir, folder)):
-        table = storage.read_parquet(uri, ["image_id", "cluster"])
-        where = rows.rows_of(table.column("image_id").to_numpy())
-        ok = where >= 0
-        out[where[ok]] = table.column("cluster").to_numpy()[ok]
     return out
 
 
@@ -429,7 +414,7 @@ def evaluate_run(
     if "kmeans" not in found:
         raise ValueError(f"no assignments in {run_dir!r}: run `semclust cluster` first")
     rows = _read_rows(run_dir, with_uris=truth == "folder-names")
-    clusters = {name: _read_clusters(run_dir, folder, rows) for name, folder in found.items()}
+    clusters = {name: read_clusters(run_dir, folder, rows) for name, folder in found.items()}
     metrics: dict[str, Any] = {"truth": truth, "rows": {"embedded": len(rows.ids)}}
     codes = classes = None
     if truth is not None:

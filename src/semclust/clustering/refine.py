@@ -29,8 +29,14 @@ import pyarrow.compute as pc
 
 from semclust import runinfo, storage
 from semclust.clustering.kmeans import ASSIGNMENTS_DIR, KMeansModel, assignments_table
-from semclust.clustering.shards import ShardSet, embedding_shards, read_checked
-from semclust.config import REFINE_METHODS, RefineConfig
+from semclust.clustering.shards import (
+    ShardSet,
+    embedding_shards,
+    read_checked,
+    read_clusters,
+    rows_of_ids,
+)
+from semclust.config import REFINE_METHODS, RefineConfig, _choice
 
 log = logging.getLogger(__name__)
 
@@ -47,11 +53,6 @@ def stage_name(method: str) -> str:
     """The run.json stage of a refine method: ``refine_scan`` or ``refine_dec``."""
     _choice("refine.method", method, REFINE_METHODS)
     return f"refine_{method}"
-
-
-def _choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name}={value!r} is not allowed; choose one of {', '.join(allowed)}")
 
 
 # --- Keras set-up --------------------------------------------------------------------------------
@@ -145,11 +146,7 @@ class FeatureStore:
 
     def rows_of(self, image_ids: np.ndarray) -> np.ndarray:
         """Store rows int64 (same shape) of image ids; -1 where an id is not in the store."""
-        flat = np.asarray(image_ids, dtype=np.int64).ravel()
-        pos = np.minimum(np.searchsorted(self.ids, flat, sorter=self._order), len(self.ids) - 1)
-        rows = self._order[pos]
-        rows = np.where(self.ids[rows] == flat, rows, -1)
-        return rows.reshape(np.shape(image_ids))
+        return rows_of_ids(self.ids, self._order, image_ids)
 
     def shard_rows(self) -> Iterator[tuple[str, slice]]:
         """(embeddings shard URI, its rows) in shard order."""
@@ -206,17 +203,6 @@ class FeatureStore:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def read_assigned(run_dir: str, store: FeatureStore, folder: str = ASSIGNMENTS_DIR) -> np.ndarray:
-    """Cluster int64 (n,) of every store row from an assignments folder (-1 where missing)."""
-    out = np.full(len(store), -1, dtype=np.int64)
-    for uri in storage.list_shards(storage.join(run_dir, folder)):
-        table = storage.read_parquet(uri, ["image_id", "cluster"])
-        rows = store.rows_of(table.column("image_id").to_numpy())
-        ok = rows >= 0
-        out[rows[ok]] = table.column("cluster").to_numpy()[ok]
-    return out
-
-
 def match_to(reference: np.ndarray, pred: np.ndarray, k: int) -> np.ndarray:
     """A relabelling int64 (k,) of ``pred``'s clusters that best agrees with ``reference``.
 
@@ -268,7 +254,7 @@ def refine_task(run_dir: str, rc: RefineConfig) -> dict[str, Any]:
         store = FeatureStore(shards, model)
     try:
         record["model_dim"] = store.dim
-        kmeans_clusters = read_assigned(run_dir, store)
+        kmeans_clusters = read_clusters(run_dir, ASSIGNMENTS_DIR, store)
         with runinfo.timed(f"refine: {rc.method} training") as t_train:
             if rc.method == "scan":
                 from semclust.clustering.scan import train_scan

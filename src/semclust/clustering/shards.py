@@ -121,3 +121,28 @@ def same_settings(run_dir: str, stage: str, settings: dict[str, Any], mode: str)
     """Whether the stage's earlier outputs were made with these settings (resume keeps them)."""
     previous = runinfo.load(run_dir).get("stages", {}).get(stage, {})
     return mode == "resume" and previous.get("settings") == settings
+
+
+def rows_of_ids(ids: np.ndarray, order: np.ndarray, image_ids: np.ndarray) -> np.ndarray:
+    """Rows int64 (shape of ``image_ids``) of ``image_ids`` in ``ids``; -1 where one is absent.
+
+    ``order`` is ``np.argsort(ids)``, computed once by the caller for many lookups.
+    """
+    flat = np.asarray(image_ids, dtype=np.int64).ravel()
+    if not len(ids):
+        return np.full(np.shape(image_ids), -1, dtype=np.int64)
+    pos = np.minimum(np.searchsorted(ids, flat, sorter=order), len(ids) - 1)
+    rows = order[pos]
+    return np.where(ids[rows] == flat, rows, -1).reshape(np.shape(image_ids))
+
+
+def read_clusters(run_dir: str, folder: str, rows: Any) -> np.ndarray:
+    """Cluster int64 (n,) of each of ``rows`` (anything with ``ids`` and ``rows_of``) from an
+    assignments folder (``assignments``, ``assignments_scan``, ...); -1 where a row has none."""
+    out = np.full(len(rows.ids), -1, dtype=np.int64)
+    for uri in storage.list_shards(storage.join(run_dir, folder)):
+        table = storage.read_parquet(uri, ["image_id", "cluster"])
+        where = rows.rows_of(table.column("image_id").to_numpy())
+        ok = where >= 0
+        out[where[ok]] = table.column("cluster").to_numpy()[ok]
+    return out

@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from semclust import storage
-from semclust.clustering.shards import embedding_shards, read_checked
+from semclust.clustering.shards import embedding_shards, read_checked, rows_of_ids
 
 log = logging.getLogger(__name__)
 
@@ -56,12 +56,7 @@ class RunRows:
 
     def rows_of(self, image_ids: np.ndarray) -> np.ndarray:
         """Rows int64 (same shape) of image ids; -1 for ids that are not in the run."""
-        flat = np.asarray(image_ids, dtype=np.int64).ravel()
-        if not len(self.ids):
-            return np.full(np.shape(image_ids), -1, dtype=np.int64)
-        pos = np.minimum(np.searchsorted(self.ids, flat, sorter=self._order), len(self.ids) - 1)
-        rows = self._order[pos]
-        return np.where(self.ids[rows] == flat, rows, -1).reshape(np.shape(image_ids))
+        return rows_of_ids(self.ids, self._order, image_ids)
 
     def shards(self) -> Iterator[tuple[str, slice]]:
         """(embeddings shard URI, its rows) in order."""

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from semclust import runinfo, storage
+from semclust.clustering.shards import read_clusters
 from semclust.config import LabelConfig
 from semclust.label.common import LABELS_DIR, LabelWriter, RunRows
 
@@ -41,16 +42,6 @@ def _assignments_folder(run_dir: str, which: str) -> str | None:
     return present.get(which)
 
 
-def _read_clusters(run_dir: str, folder: str, rows: RunRows) -> np.ndarray:
-    out = np.full(len(rows), -1, dtype=np.int64)
-    for uri in storage.list_shards(storage.join(run_dir, folder)):
-        table = storage.read_parquet(uri, ["image_id", "cluster"])
-        where = rows.rows_of(table.column("image_id").to_numpy())
-        ok = where >= 0
-        out[where[ok]] = table.column("cluster").to_numpy()[ok]
-    return out
-
-
 def run_label(run_dir: str, lc: LabelConfig) -> dict[str, Any]:
     """Label a run's images; writes labels/ and the run.json ``label`` record, returned."""
     from semclust.label import names as names_mode
@@ -68,7 +59,7 @@ def run_label(run_dir: str, lc: LabelConfig) -> dict[str, Any]:
             f"{run_dir!r} has no {lc.assignments} assignments: run `semclust cluster` (or "
             "`semclust refine`) first"
         )
-    clusters = _read_clusters(run_dir, folder, rows) if folder else None
+    clusters = read_clusters(run_dir, folder, rows) if folder else None
     runinfo.update_stage(
         run_dir, STAGE, {"status": "running", "settings": asdict(lc)}, {STAGE: asdict(lc)}
     )
