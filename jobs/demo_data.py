@@ -1,7 +1,8 @@
 """Ray job entrypoint: put the built-in demo image set into object storage.
 
-Used by the laptop overlay (``kubernetes/overlays/kind``) before ``jobs/pipeline.py``, so that a
-cluster with an empty object store has something to embed:
+The first step of ``jobs/demo_job.py``, the laptop overlay's entrypoint
+(``kubernetes/overlays/kind``), so that a cluster with an empty object store has something to
+embed; on its own:
 
     python jobs/demo_data.py --to s3://semclust-demo/images/ --per-class 20
 

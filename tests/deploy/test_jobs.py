@@ -1,5 +1,6 @@
-"""The job entrypoints as plain processes: exit status and message on a bad config, and the demo
-data upload the laptop overlay runs first (bucket created, files in place)."""
+"""The job entrypoints as plain processes: exit status and message on a bad config, the demo
+data upload that the laptop overlay's entrypoint (jobs/demo_job.py) runs first (bucket created,
+files in place), and demo_job.py refusing a wrong flag before it uploads anything."""
 
 from __future__ import annotations
 
@@ -47,3 +48,16 @@ def test_demo_data_creates_the_bucket_and_uploads_the_demo_set(s3_server):
     assert "images/_unusable/truncated.jpg" in keys and "images/README.txt" in keys
     assert sum(k.startswith("images/coffee/") for k in keys) == 1
     assert f"uploaded 16 demo files to s3://{bucket}/images/" in proc.stdout
+
+
+def test_demo_job_refuses_a_wrong_run_flag_before_it_uploads(s3_server):
+    """jobs/demo_job.py (the kind overlay's entrypoint) checks `semclust run`'s arguments first:
+    a typo costs no upload."""
+    bucket = "t-demo-job-bad-flag"
+    proc = _run(
+        ["jobs/demo_job.py", "--demo-to", f"s3://{bucket}/images/", "--confg", "run.yaml"],
+        timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "unrecognized arguments: --confg" in proc.stderr
+    assert bucket not in {b["Name"] for b in s3_server.client().list_buckets()["Buckets"]}
