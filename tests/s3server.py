@@ -12,7 +12,7 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 ACCESS_KEY = "semclust-test-key"
@@ -55,6 +55,8 @@ class S3Server:
     process: subprocess.Popen
     endpoint: str  # http://127.0.0.1:PORT
     data_dir: Path
+    args: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
 
     def client(self, secret: str = SECRET_KEY):
         import boto3
@@ -75,6 +77,18 @@ class S3Server:
             self.process.kill()
             self.process.wait()
 
+    def kill(self) -> None:
+        """Stop the server at once (SIGKILL): an outage, as a crashed or cut-off store."""
+        self.process.kill()
+        self.process.wait()
+
+    def restart(self, timeout: float = 60.0) -> None:
+        """Start the server again on the same ports and data (the end of an outage)."""
+        if self.process.poll() is None:
+            self.stop()
+        self.process = _launch(self.args, self.env, self.data_dir)
+        _wait_ready(self, timeout)
+
 
 def start_s3_server(data_dir: Path, s3_port: int | None = None, timeout: float = 60.0) -> S3Server:
     binary = weed_binary()
@@ -93,17 +107,26 @@ def start_s3_server(data_dir: Path, s3_port: int | None = None, timeout: float =
         "-ip.bind=127.0.0.1",
         *[f"-{flag}={port}" for flag, port in ports.items()],
     ]
-    log = open(data_dir / "weed.log", "wb")  # noqa: SIM115 - lives as long as the server
-    proc = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT)
-    server = S3Server(proc, f"http://127.0.0.1:{ports['s3.port']}", data_dir)
+    proc = _launch(args, env, data_dir)
+    server = S3Server(proc, f"http://127.0.0.1:{ports['s3.port']}", data_dir, args, env)
+    _wait_ready(server, timeout)
+    return server
+
+
+def _launch(args: list[str], env: dict[str, str], data_dir: Path) -> subprocess.Popen:
+    log = open(data_dir / "weed.log", "ab")  # noqa: SIM115 - lives as long as the server
+    return subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def _wait_ready(server: S3Server, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while True:
         try:
             server.client().list_buckets()
-            return server
+            return
         except Exception as exc:
-            if proc.poll() is not None or time.monotonic() > deadline:
+            if server.process.poll() is not None or time.monotonic() > deadline:
                 server.stop()
-                tail = (data_dir / "weed.log").read_text(errors="replace")[-2000:]
+                tail = (server.data_dir / "weed.log").read_text(errors="replace")[-2000:]
                 raise RuntimeError(f"SeaweedFS did not start: {exc}\n{tail}") from exc
             time.sleep(0.2)

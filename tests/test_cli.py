@@ -55,3 +55,51 @@ def test_bad_input_exits_2_with_a_message(tmp_path, args, message):
     assert proc.returncode == 2, proc.stderr
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_every_error_maps_to_one_message_and_its_exit_status(tmp_path):
+    """`explain` on real errors of each kind a run can stop with."""
+    import errno
+
+    from semclust.cli import Terminated, explain
+    from semclust.errors import RunDirLocked, StoreUnavailable
+
+    def raised(fn) -> BaseException:
+        try:
+            fn()
+        except BaseException as exc:
+            return exc
+        raise AssertionError("nothing raised")
+
+    target = tmp_path / "file"
+    target.write_text("x")
+    cases = [
+        (raised(lambda: (target / "sub").mkdir()), 2, "Not a directory"),
+        (OSError(errno.ENOSPC, "No space left on device"), 1, "no space left on the device"),
+        (OSError(errno.ECONNREFUSED, "Connection refused"), 1, "the store was unreachable"),
+        (PermissionError(errno.EACCES, "Permission denied", "/r"), 2, "permission denied"),
+        (StoreUnavailable("3 of 9 images could not be read"), 1, "3 of 9 images"),
+        (RunDirLocked("run directory r is in use by another run"), 2, "in use"),
+        (KeyboardInterrupt(), 130, "interrupted; committed work is kept"),
+        (Terminated(), 143, "interrupted"),
+        (RuntimeError("the pipeline lost rows"), 1, "the pipeline lost rows"),
+        (TypeError("'NoneType' object is not iterable"), 1, "a bug in semclust"),
+    ]
+    for exc, code, words in cases:
+        got_code, message = explain(exc)
+        assert (got_code, words in message) == (code, True), (exc, got_code, message)
+        assert "\n" not in message
+
+
+def test_unlock_removes_a_stale_lock_and_says_whose_it_was(tmp_path):
+    from semclust.lock import RunDirLock
+
+    run = tmp_path / "run"
+    lock = RunDirLock(str(run), command="semclust embed")
+    lock.acquire()
+    proc = _semclust("unlock", "--run-dir", str(run))
+    assert proc.returncode == 0, proc.stderr
+    assert "removed the lock" in proc.stdout and "semclust embed" in proc.stdout
+    assert not (run / "run.lock").exists()
+    lock.release()
+    assert "no lock held" in _semclust("unlock", "--run-dir", str(run)).stdout

@@ -275,6 +275,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_report_arguments(p)
 
+    p = sub.add_parser(
+        "unlock", help="remove a run directory's lock (only when the run holding it is gone)"
+    )
+    p.add_argument("--run-dir", required=True, help="run directory (local path or s3:// prefix)")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
     p = sub.add_parser("demo", help="build the demo image set and run everything on it")
     p.add_argument("--out", default="semclust-demo", help="output folder (default ./semclust-demo)")
     p.add_argument("--per-class", type=int, default=20, help="images per class (default 20)")
@@ -379,17 +385,93 @@ def _print_demo(summary: dict[str, Any]) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The ``semclust`` command: every error ends as one message and an exit status (2: bad
+    input or config, 1: a failed run, 130: Ctrl-C, 143: SIGTERM); ``-v`` adds the traceback."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    _setup_logging(getattr(args, "verbose", False))
+    verbose = getattr(args, "verbose", False)
+    _setup_logging(verbose)
+    previous = _terminate_as_interrupt()
     try:
         return _dispatch(args)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"semclust: error: {exc}", file=sys.stderr)
-        return 2
-    except RuntimeError as exc:
-        print(f"semclust: failed: {exc}", file=sys.stderr)
-        return 1
+    except BaseException as exc:
+        if isinstance(exc, SystemExit):
+            raise
+        code, message = explain(exc)
+        if verbose:
+            import traceback
+
+            traceback.print_exception(exc, file=sys.stderr)
+        print(f"semclust: {'error' if code == 2 else 'failed'}: {message}", file=sys.stderr)
+        return code
+    finally:
+        _restore_terminate(previous)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a pod or job being stopped): handled as Ctrl-C is, with exit status 143."""
+
+
+def _terminate_as_interrupt() -> Any:
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum: int, frame: Any) -> None:
+        raise Terminated()
+
+    return signal.signal(signal.SIGTERM, handler)
+
+
+def _restore_terminate(previous: Any) -> None:
+    import signal
+
+    if previous is not None:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def explain(exc: BaseException) -> tuple[int, str]:
+    """(exit status, one-line message that says what to do) for an error that stopped a run."""
+    import errno
+
+    from semclust import storage
+    from semclust.errors import SemclustError
+    from semclust.retry import is_transient
+
+    exc = _remote_cause(exc)
+    text = storage.redact(str(exc)) or type(exc).__name__
+    resume = "committed work is kept: run the same command again (--mode resume) to go on"
+    if isinstance(exc, KeyboardInterrupt):
+        code = 143 if isinstance(exc, Terminated) else 130
+        return code, f"interrupted; {resume}"
+    if isinstance(exc, SemclustError):
+        return exc.exit_code, text
+    if isinstance(exc, (ValueError, FileNotFoundError, NotADirectoryError, FileExistsError)):
+        return 2, text
+    if isinstance(exc, OSError):
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return 1, f"no space left on the device: {text}; free space, then {resume[6:]}"
+        if isinstance(exc, PermissionError) or exc.errno in (errno.EACCES, errno.EROFS):
+            return 2, f"permission denied: {text}; check who may write the run directory"
+        if is_transient(exc):
+            return 1, f"the store was unreachable: {text}. {resume[0].upper()}{resume[1:]}"
+        return 1, f"{text}; {resume}"
+    if isinstance(exc, RuntimeError):
+        return 1, text
+    return 1, f"{type(exc).__name__}: {text} (a bug in semclust: run with -v and report it)"
+
+
+def _remote_cause(exc: BaseException) -> BaseException:
+    """The user's error inside Ray's wrappers (a task's or actor's error carries it as .cause)."""
+    seen = 0
+    while type(exc).__module__.startswith("ray.") and seen < 5:
+        cause = getattr(exc, "cause", None)
+        if not isinstance(cause, BaseException):
+            break
+        exc, seen = cause, seen + 1
+    return exc
 
 
 def _dispatch(args: argparse.Namespace) -> int:
@@ -437,32 +519,42 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "report":
         from semclust.report.cli import run_report_command
 
-        return run_report_command(args)
+        with runner.holding_run_dir(args.run_dir or "", "semclust report", must_exist=True):
+            return run_report_command(args)
     if args.command == "compare":
         from semclust.compare import run_compare_command
 
         return run_compare_command(args)
+    if args.command == "unlock":
+        from semclust.lock import break_lock
+
+        holder = break_lock(args.run_dir)
+        print(f"removed the lock of {args.run_dir}: {holder}" if holder else "no lock held")
+        return 0
     cfg = config_from_args(args)
-    if args.command == "evaluate":
-        from semclust.evaluate import run_evaluate_command
+    command = "semclust " + args.command
+    if args.command in ("evaluate", "refine", "label"):
+        with runner.holding_run_dir(cfg.run_dir, command, must_exist=True):
+            if args.command == "evaluate":
+                from semclust.evaluate import run_evaluate_command
 
-        return run_evaluate_command(args)
-    if args.command == "refine":
-        from semclust.clustering.refine import run_refine_command
+                return run_evaluate_command(args)
+            if args.command == "refine":
+                from semclust.clustering.refine import run_refine_command
 
-        return run_refine_command(cfg)
-    if args.command == "label":
-        from semclust.label.stage import run_label_command
+                return run_refine_command(cfg)
+            from semclust.label.stage import run_label_command
 
-        return run_label_command(cfg)
+            return run_label_command(cfg)
     report_uri = None
     if args.command == "run":
         from semclust.report import build_report
 
-        records = runner.run_all(cfg)
-        report_uri = build_report(cfg.run_dir, ray_config=cfg.ray)
+        with runner.holding_run_dir(cfg.run_dir, command) as lock:
+            records = runner.run_stages(cfg, runner.STAGE_ORDER, command, lock)
+            report_uri = build_report(cfg.run_dir, ray_config=cfg.ray)
     else:
-        records = {args.command: runner.stage_function(args.command)(cfg)}
+        records = runner.run_stages(cfg, [args.command], command)
     _print_stage_summary(records)
     print(f"run directory: {cfg.run_dir}")
     if report_uri:

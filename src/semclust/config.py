@@ -94,8 +94,18 @@ class StorageConfig:
     region: str | None = None
     profile: str | None = None  # a named profile from ~/.aws/config
     anonymous: bool = False  # unsigned requests, for public buckets
+    # Transient errors (connection refused or reset, timeouts, throttling, 5xx) are retried with
+    # backoff for this long per read or write; what still fails is left for --mode resume, never
+    # written as a failure row. Inside each try the client retries max_attempts times (botocore's
+    # "standard" mode, pyarrow's AwsStandardS3RetryStrategy).
+    retry_seconds: float = 120.0
+    max_attempts: int = 5
 
     def __post_init__(self) -> None:
+        if self.retry_seconds < 0:
+            raise ValueError(f"storage.retry_seconds={self.retry_seconds} must be >= 0")
+        if self.max_attempts < 1:
+            raise ValueError(f"storage.max_attempts={self.max_attempts} must be >= 1")
         if self.endpoint_url is not None and not re.match(r"^https?://[^/\s]+", self.endpoint_url):
             raise ValueError(
                 f"storage.endpoint_url={self.endpoint_url!r} must look like http(s)://host[:port]"

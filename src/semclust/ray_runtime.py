@@ -28,6 +28,9 @@ def ensure_ray(cfg: RayConfig) -> None:
 
     store = parse_bytes(cfg.object_store_memory) if cfg.object_store_memory else None
     ray.init(
+        # "local": a Ray of this process's own. Without it ray.init joins any `ray start`
+        # cluster it finds on the machine (and then refuses num_cpus).
+        address="local",
         num_cpus=cfg.num_cpus,
         object_store_memory=store,
         include_dashboard=False,

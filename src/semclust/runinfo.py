@@ -108,3 +108,34 @@ def timed(label: str) -> Iterator[dict[str, float]]:
     finally:
         out["seconds"] = round(time.perf_counter() - start, 3)
         log.info("%s took %.1f s", label, out["seconds"])
+
+
+def mark_stopped(run_dir: str, exc: BaseException) -> list[str]:
+    """Mark every stage still ``running`` in run.json as ``interrupted`` (Ctrl-C, SIGTERM) or
+    ``failed``, with the error; returns those stages. Best effort: when the store itself is what
+    failed, run.json may be out of reach too, and the original error matters more."""
+    from semclust.retry import RetryPolicy, retry_call
+
+    status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
+    cause = getattr(exc, "cause", None) or exc
+    error = storage.redact(f"{type(cause).__name__}: {cause}")[:2000]
+    quick = RetryPolicy(seconds=10.0)
+
+    def record() -> list[str]:
+        info = load(run_dir)
+        stopped = [
+            name
+            for name, rec in info.get("stages", {}).items()
+            if isinstance(rec, dict) and rec.get("status") == "running"
+        ]
+        for name in stopped:
+            info["stages"][name].update(status=status, error=error)
+        if stopped:
+            storage.write_json(run_json_uri(run_dir), info)
+        return stopped
+
+    try:
+        return retry_call(record, quick, f"record the {status} stage in run.json")
+    except Exception as write_error:
+        log.warning("could not record the %s stage in %s: %s", status, run_dir, write_error)
+        return []

@@ -11,7 +11,12 @@ from PIL import Image
 
 from semclust import storage
 from semclust.embed.decode import decode_image
-from semclust.embed.sources import list_inputs, list_tar_shards, read_image_bytes
+from semclust.embed.sources import (
+    list_inputs,
+    list_tar_shards,
+    read_image_bytes,
+    tar_member_parts,
+)
 from tests.embed.files import tar_bytes
 
 
@@ -85,3 +90,55 @@ def test_sources_on_s3(s3_server, s3_bucket):
     assert list_inputs(f"s3://{s3_bucket}/m.csv").uris == [f"s3://{s3_bucket}/img/a.jpg"]
     tars = list_tar_shards([f"s3://{s3_bucket}/shards/s0.tar"])
     assert read_image_bytes(tars.uris[0], tars.offsets[0], tars.sizes[0]) == _jpeg((0, 9, 0))
+
+
+def test_tar_shards_with_hash_in_their_own_names(tmp_path):
+    """``<tar URI>#<member>``: the split is at the '#' after the tar suffix, wherever else '#'
+    appears; a tar named ``x.tar#y.tar`` beside an ``x.tar`` is told apart by the member's
+    header just before its bytes."""
+    blobs = {n: _jpeg((i * 40, 0, 0)) for i, n in enumerate(("a#b.jpg", "q?.jpg", "%20 x.jpg"))}
+    (tmp_path / "shard#1 %20.tar").write_bytes(tar_bytes(blobs))
+    listing = list_inputs(str(tmp_path))
+    assert listing.uris == sorted(f"file://{tmp_path}/shard#1 %20.tar#{n}" for n in blobs)
+    for uri, off, size in zip(listing.uris, listing.offsets, listing.sizes, strict=True):
+        tar_uri, member = tar_member_parts(uri)
+        assert tar_uri == f"file://{tmp_path}/shard#1 %20.tar"
+        assert read_image_bytes(uri, off, size) == blobs[member]
+
+    # x.tar#y.tar holds m.jpg, and x.tar holds a member named y.tar#m.jpg: the same URI.
+    other = tmp_path / "other"
+    other.mkdir()
+    inner, outer = _jpeg((0, 200, 0)), _jpeg((0, 0, 200))  # the same size: names decide
+    (other / "x.tar#y.tar").write_bytes(tar_bytes({"m.jpg": inner}))
+    (other / "x.tar").write_bytes(tar_bytes({"pad.jpg": outer, "y.tar#m.jpg": outer}))
+    a = list_tar_shards([f"file://{other}/x.tar#y.tar"])
+    b = list_tar_shards([f"file://{other}/x.tar"])
+    uri = f"file://{other}/x.tar#y.tar#m.jpg"
+    assert a.uris == [uri] and b.uris[1] == uri
+    assert read_image_bytes(uri, a.offsets[0], a.sizes[0]) == inner
+    assert read_image_bytes(uri, b.offsets[1], b.sizes[1]) == outer
+    assert tar_member_parts(uri, a.offsets[0], a.sizes[0]) == (
+        f"file://{other}/x.tar#y.tar",
+        "m.jpg",
+    )
+    assert tar_member_parts(uri, b.offsets[1], b.sizes[1]) == (
+        f"file://{other}/x.tar",
+        "y.tar#m.jpg",
+    )
+    # Sizes alone tell them apart too: a header for another size is no evidence.
+    big = _jpeg((0, 200, 0), 96)
+    (other / "x.tar#y.tar").write_bytes(tar_bytes({"m" * 120 + ".jpg": big}))
+    c = list_tar_shards([f"file://{other}/x.tar#y.tar"])
+    assert read_image_bytes(c.uris[0], c.offsets[0], c.sizes[0]) == big
+    with pytest.raises(ValueError, match="not a tar member URI"):
+        tar_member_parts(f"file://{other}/plain#1.jpg")
+
+
+def test_unreadable_tar_shard_is_listed_as_itself(tmp_path):
+    (tmp_path / "s0.tar").write_bytes(tar_bytes({"k.jpg": _jpeg((1, 2, 3))}))
+    (tmp_path / "s1.tar").symlink_to(tmp_path / "gone.tar")
+    listing = list_inputs(str(tmp_path))
+    assert listing.uris == [f"file://{tmp_path}/s0.tar#k.jpg", f"file://{tmp_path}/s1.tar"]
+    assert listing.offsets[1] == -1
+    with pytest.raises(FileNotFoundError):
+        read_image_bytes(listing.uris[1], -1, -1)

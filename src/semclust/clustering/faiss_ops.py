@@ -253,11 +253,15 @@ def record_failure(run_dir: str, stage: str, settings: dict[str, Any], config: d
         try:
             yield
         except BaseException as exc:
-            current = runinfo.load(run_dir).get("stages", {}).get(stage, {})
-            if current.get("status") != "failed":  # keep a fuller record written on the way
-                cause = getattr(exc, "cause", None) or exc
-                record = {"status": "failed", "settings": settings, "error": str(cause)[:2000]}
-                runinfo.update_stage(run_dir, stage, record, config)
+            try:
+                current = runinfo.load(run_dir).get("stages", {}).get(stage, {})
+                if current.get("status") != "failed":  # keep a fuller record written on the way
+                    cause = getattr(exc, "cause", None) or exc
+                    status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
+                    record = {"status": status, "settings": settings, "error": str(cause)[:2000]}
+                    runinfo.update_stage(run_dir, stage, record, config)
+            except Exception as write_error:  # the store may be what failed; keep the cause
+                log.warning("could not record how %s ended in run.json: %s", stage, write_error)
             raise
 
     return guard()

@@ -6,10 +6,20 @@ table. Nothing here changes Pillow's global state (``ImageFile.LOAD_TRUNCATED_IM
 ``False``, ``Image.MAX_IMAGE_PIXELS`` is left alone), so truncated files fail instead of being
 silently padded with grey.
 
-Only Pillow and numpy are used. Decodable formats are a fixed allow-list (JPEG, PNG, GIF, WebP,
-BMP, TIFF) rather than "whatever this Pillow build can open": results then do not depend on how
-Pillow was built on a given worker, and Pillow's exotic plugins (EPS shells out to Ghostscript)
-never see untrusted bytes.
+Only Pillow and numpy are used. Decodable formats are a fixed allow-list rather than "whatever
+this Pillow build can open": results then do not depend on how Pillow was built on a given
+worker, and Pillow's exotic plugins (EPS shells out to Ghostscript) never see untrusted bytes.
+
+What is an image, by content: every format Pillow registers is put in one group below
+(``DECODED_FORMATS``, ``UNSUPPORTED_FORMATS``, ``IGNORED_FORMATS``; a test checks that against the
+installed Pillow, so an upgrade that adds a plugin asks for a decision). The signatures are
+Pillow's own (each plugin's registered ``_accept``), tightened where Pillow's is weak enough to
+claim text, and the extensions are Pillow's ``registered_extensions()``. Decoded: JPEG (and
+MPO), PNG, GIF, WebP, BMP, TIFF, ICO, CUR, ICNS, DDS, QOI, PCX, PPM/PGM/PBM/PNM/PFM, SGI, TGA,
+BLP, MSP: raster image files that Pillow reads with its own code (no external program, no
+library its wheels might lack), each tested on a file Pillow wrote. TGA has no leading
+signature: it is listed by extension and recognised by the ``TRUEVISION-XFILE`` footer that
+TGA 2 files (and Pillow) write.
 """
 
 from __future__ import annotations
@@ -17,16 +27,20 @@ from __future__ import annotations
 import contextlib
 import io
 import posixpath
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 __all__ = [
+    "DECODED_FORMATS",
+    "IGNORED_FORMATS",
     "IMAGE_EXTENSIONS",
     "KNOWN_UNSUPPORTED_EXTENSIONS",
     "RESIZE_MODES",
+    "UNSUPPORTED_FORMATS",
     "DecodedImage",
     "ImageDecodeError",
     "decode_batch",
@@ -35,8 +49,79 @@ __all__ = [
     "sniff_image_format",
 ]
 
+# Pillow format id -> the name ``sniff_image_format`` returns, for the formats decoded here.
+DECODED_FORMATS: dict[str, str] = {
+    "JPEG": "jpeg",
+    "MPO": "jpeg",  # multi-picture JPEG (camera stereo/depth): Pillow's JPEG opener returns it
+    "PNG": "png",
+    "GIF": "gif",
+    "WEBP": "webp",
+    "BMP": "bmp",
+    "TIFF": "tiff",
+    "ICO": "ico",
+    "CUR": "cur",
+    "ICNS": "icns",
+    "DDS": "dds",
+    "QOI": "qoi",
+    "PCX": "pcx",
+    "PPM": "ppm",
+    "SGI": "sgi",
+    "TGA": "tga",
+    "BLP": "blp",
+    "MSP": "msp",
+}
+
+# Images Pillow can open that we list (a failure row with the reason) but do not decode.
+UNSUPPORTED_FORMATS: dict[str, str] = {
+    "JPEG2000": "needs the optional OpenJPEG library, which a Pillow build may lack",
+    "AVIF": "needs the optional libavif, which a Pillow build may lack",
+    "PSD": "Pillow reads only the flattened composite, which a layered file may not hold",
+    # Pillow reads these but cannot write them, so no test file of them exists here.
+    "SUN": "read-only in Pillow: untested",
+    "DCX": "read-only in Pillow: untested",
+    "XPM": "read-only in Pillow: untested",
+    "FTEX": "read-only in Pillow: untested",
+    "PIXAR": "read-only in Pillow: untested",
+    "FLI": "read-only in Pillow: untested",
+    "PCD": "read-only in Pillow: untested",
+}
+
+# Formats Pillow registers that are not image files for this pipeline, or whose signature would
+# claim other files (they are neither listed by content nor decoded).
+IGNORED_FORMATS: dict[str, str] = {
+    "EPS": "PostScript, a page description; Pillow renders it with Ghostscript",
+    "WMF": "vector metafile; Pillow has only a stub outside Windows",
+    "BUFR": "meteorological data; a stub in Pillow",
+    "GRIB": "meteorological data; a stub in Pillow",
+    "HDF5": "scientific data; a stub in Pillow",
+    "MPEG": "video; Pillow only identifies it",
+    "FITS": "astronomical data arrays, not pictures",
+    "SPIDER": "electron-microscopy data, no signature",
+    "MCIDAS": "satellite data with an 8-byte signature of zeros and a 4",
+    "IM": "Pillow's own interchange format, no signature",
+    "IMT": "no signature",
+    "IPTC": "no signature",
+    "GBR": "GIMP brush; its signature is two small integers",
+    "XBM": "C source; its signature (#define) is that of any C header",
+    "DIB": "headerless BMP; its signature (a 4-byte header size) matches many files",
+    "XVTHUMB": "XV's thumbnail cache",
+}
+
+
+def _pillow_registry() -> tuple[dict[str, Any], dict[str, list[str]]]:
+    """Pillow's registered ``_accept`` per format and its extensions per format (all plugins)."""
+    Image.init()
+    accepts = {fid: accept for fid, (_, accept) in Image.OPEN.items()}
+    extensions: dict[str, list[str]] = {}
+    for ext, fid in Image.registered_extensions().items():
+        extensions.setdefault(fid, []).append(ext.lower())
+    return accepts, extensions
+
+
+_ACCEPTS, _EXTENSIONS = _pillow_registry()
+
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(
-    {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+    ext for fid in DECODED_FORMATS for ext in _EXTENSIONS.get(fid, ())
 )
 
 # Image formats we list (so each one shows up as a failure row with a reason instead of being
@@ -91,6 +176,7 @@ KNOWN_UNSUPPORTED_EXTENSIONS: frozenset[str] = frozenset(
         ".iiq",
         ".rwl",
     }
+    | {ext for fid in UNSUPPORTED_FORMATS for ext in _EXTENSIONS.get(fid, ())}
 )
 
 RESIZE_MODES = ("center_crop", "squash", "pad")
@@ -98,14 +184,34 @@ RESIZE_MODES = ("center_crop", "squash", "pad")
 DEFAULT_MAX_PIXELS = 178_956_970  # == 2 * Pillow's default MAX_IMAGE_PIXELS
 
 # Sniffed format -> Pillow format id. Anything sniffed but not in here is "unsupported".
-_PIL_FORMATS = {
-    "jpeg": "JPEG",
-    "png": "PNG",
-    "gif": "GIF",
-    "webp": "WEBP",
-    "bmp": "BMP",
-    "tiff": "TIFF",
+_PIL_FORMATS = {name: fid for fid, name in DECODED_FORMATS.items() if fid != "MPO"}
+
+
+def _whitespace_at(i: int) -> Callable[[bytes], bool]:
+    return lambda head: head[i : i + 1] in (b" ", b"\t", b"\n", b"\r", b"\x0b", b"\x0c")
+
+
+# Checks on top of Pillow's ``_accept`` where that alone could claim other files: PPM's is "P"
+# and a digit or f/y (text: "Python", "P5-gallery"), and the format puts whitespace next; PCX's
+# and SGI's are two bytes, and the next two are fields with few valid values; an icon file lists
+# at least one image. Each is what the format's specification requires.
+_SIGNATURE_GUARDS: dict[str, Callable[[bytes], bool]] = {
+    "PPM": _whitespace_at(2),
+    "PCX": lambda head: len(head) >= 4 and head[2] == 1 and head[3] in (1, 2, 4, 8),
+    "SGI": lambda head: len(head) >= 4 and head[2] in (0, 1) and head[3] in (1, 2),
+    "ICO": lambda head: head[4:6] not in (b"", b"\0", b"\0\0"),
+    "CUR": lambda head: head[4:6] not in (b"", b"\0", b"\0\0"),
 }
+
+# Formats sniffed with Pillow's signatures, after the hand-written checks of
+# sniff_image_format (which keep their own names for JPEG ... TIFF, HEIF, SVG, raw, ...).
+_PILLOW_SNIFFED: tuple[str, ...] = tuple(
+    fid
+    for fid in (*DECODED_FORMATS, *UNSUPPORTED_FORMATS)
+    if fid not in ("JPEG", "MPO", "PNG", "GIF", "WEBP", "BMP", "TIFF", "JPEG2000", "AVIF", "PSD")
+    and _ACCEPTS.get(fid) is not None
+)
+_TGA_FOOTER = b"TRUEVISION-XFILE.\x00"
 
 # Letterbox colour for resize="pad". Black is what most letterbox preprocessing uses and is
 # kept distinct from the white we composite transparency onto.
@@ -185,10 +291,13 @@ def _sniff_svg(head: bytes) -> bool:
 def sniff_image_format(head: bytes) -> str | None:
     """Format name from the first bytes of a file, or None if it does not look like an image.
 
-    Decodable: "jpeg", "png", "gif", "webp", "bmp", "tiff". Recognised but unsupported:
-    "heic", "heif", "avif", "svg", "jp2", "jxl", "psd", "cr2", "cr3", "orf", "rw2", "raf".
-    64 bytes are enough for every binary format; more only helps an SVG with a long XML prolog.
-    TIFF-based raws (NEF, ARW, DNG) are indistinguishable from TIFF here and report "tiff".
+    Decodable: "jpeg", "png", "gif", "webp", "bmp", "tiff", and by Pillow's signatures "ico",
+    "cur", "icns", "dds", "qoi", "pcx", "ppm", "sgi", "blp", "msp" (TGA has no leading
+    signature: see ``_decode_pil``). Recognised but unsupported: "heic", "heif", "avif", "svg",
+    "jp2", "jxl", "psd", "cr2", "cr3", "orf", "rw2", "raf", and "sun", "dcx", "xpm", "ftex",
+    "pixar", "fli". 64 bytes are enough for every binary format (Pillow's signatures need 16);
+    more only helps an SVG with a long XML prolog. TIFF-based raws (NEF, ARW, DNG) are
+    indistinguishable from TIFF here and report "tiff".
     """
     head = bytes(head)
     if head.startswith(b"\xff\xd8\xff"):
@@ -224,6 +333,21 @@ def sniff_image_format(head: bytes) -> str | None:
         return "psd"
     if _sniff_svg(head):
         return "svg"
+    return _sniff_pillow(head)
+
+
+def _sniff_pillow(head: bytes) -> str | None:
+    """The first of the ``_PILLOW_SNIFFED`` formats whose Pillow signature (and guard) matches."""
+    for fid in _PILLOW_SNIFFED:
+        try:
+            # A plugin may answer with a message string (a missing library): only True counts.
+            if _ACCEPTS[fid](head) is not True:
+                continue
+        except Exception:  # a signature check reading past a short head: no match
+            continue
+        guard = _SIGNATURE_GUARDS.get(fid)
+        if guard is None or guard(head):
+            return DECODED_FORMATS.get(fid) or fid.lower()
     return None
 
 
@@ -365,6 +489,8 @@ def _decode_pil(
         raise ImageDecodeError("empty file")
     head = bytes(data[:_SNIFF_BYTES])
     fmt = sniff_image_format(head)
+    if fmt is None and bytes(data[-len(_TGA_FOOTER) :]) == _TGA_FOOTER:
+        fmt = "tga"  # TGA 2: the signature is a footer, so only the whole file shows it
     if fmt is None:
         raise ImageDecodeError(
             f"not a recognised image format (file starts with 0x{head[:8].hex()})"

@@ -15,7 +15,7 @@ import threading
 import time
 import warnings
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -31,6 +31,8 @@ from semclust.embed.decode import decode_batch
 from semclust.embed.sources import InputStream, ids_for, isin_sorted, read_image_bytes
 from semclust.embed.sources import list_images as list_images  # re-exported for callers
 from semclust.embed.sources import list_inputs as list_inputs  # re-exported for callers
+from semclust.errors import StoreUnavailable
+from semclust.retry import is_denied, is_transient, retry_call
 
 log = logging.getLogger(__name__)
 
@@ -130,11 +132,23 @@ class EmbedderSpec:
         )
 
 
-def _read_one(item: tuple[str, int, int]) -> tuple[bytes | None, str]:
+# ``error_stage`` of a row whose read failed for a transient reason after every retry: it is
+# neither embedded nor a failure row, so its part commits without it and the resume reads it again.
+DEFERRED = "deferred"
+
+
+def _read_one(item: tuple[str, int, int]) -> tuple[bytes | None, str, bool]:
+    """(bytes or None, error, transient): a read problem is this image's, not the batch's."""
+    policy = storage.retry_policy()
     try:
-        return read_image_bytes(*item), ""
-    except Exception as exc:  # any read problem is this image's failure row, not the batch's
-        return None, f"read failed: {type(exc).__name__}: {storage.redact(str(exc))}"
+        return retry_call(lambda: read_image_bytes(*item), policy, f"read {item[0]}"), "", False
+    except Exception as exc:
+        # A 403 is the object's only when the bucket still answers (else: expired credentials).
+        denied_all = (
+            is_denied(exc) and storage.is_remote(item[0]) and not storage.bucket_reachable(item[0])
+        )
+        transient = is_transient(exc) or denied_all
+        return None, f"read failed: {type(exc).__name__}: {storage.redact(str(exc))}", transient
 
 
 def decode_stage(
@@ -151,13 +165,15 @@ def decode_stage(
     items = list(zip(uris, batch["offset"].tolist(), batch["size"].tolist(), strict=True))
     with ThreadPoolExecutor(min(_READ_THREADS, max(1, len(uris)))) as pool:
         reads = list(pool.map(_read_one, items))
-    blobs = [b for b, _ in reads]
+    blobs = [b for b, _, _ in reads]
     pixels, widths, heights, decode_errors = decode_batch(blobs, size, resize, max_pixels)
     errors = np.empty(len(uris), dtype=object)
     stages = np.empty(len(uris), dtype=object)
-    for i, ((_, read_error), decode_error) in enumerate(zip(reads, decode_errors, strict=True)):
+    for i, ((_, read_error, transient), decode_error) in enumerate(
+        zip(reads, decode_errors, strict=True)
+    ):
         if read_error:
-            errors[i], stages[i] = read_error, "read"
+            errors[i], stages[i] = read_error, DEFERRED if transient else "read"
         elif decode_error:
             errors[i], stages[i] = decode_error, "decode"
         else:
@@ -208,19 +224,32 @@ class EmbedActor:
 class PartWriter:
     """Collects rows per part on the driver and commits each part when all its rows are in.
 
-    Parts are cut in listing order, so every part but the last holds exactly ``rows_per_part``
-    rows: a part is committed as soon as it has that many, and the last (short) one in
-    ``finish``, once the lister has said how many rows it sent. No part's size has to be known
-    before the listing ends.
+    Parts are cut in listing order, so every part but the last receives exactly
+    ``rows_per_part`` rows: a part is committed as soon as it has that many, and the last
+    (short) one in ``finish``, once the lister has said how many rows it sent. No part's size
+    has to be known before the listing ends.
+
+    Rows whose read failed for a transient reason (``DEFERRED``) are left out of both shards,
+    so a committed part may hold fewer rows; the resume numbers them into new parts.
 
     The failures shard is written before the embeddings shard: an embeddings shard is the commit
     marker of its part, so a crash in between leaves an orphan failures shard that resume deletes.
     """
 
-    def __init__(self, run_dir: str, rows_per_part: int, dim: int) -> None:
+    def __init__(
+        self,
+        run_dir: str,
+        rows_per_part: int,
+        dim: int,
+        ensure_held: Callable[[], None] = lambda: None,
+    ) -> None:
         self.run_dir = run_dir
         self.rows_per_part = rows_per_part
         self.dim = dim
+        # Called before each commit: raises if another run has taken the run directory over.
+        self.ensure_held = ensure_held
+        self.deferred = 0  # rows whose read failed for a transient reason: not committed
+        self.deferred_error = ""
         self.buffers: dict[int, list[dict[str, np.ndarray]]] = defaultdict(list)
         self.counts: dict[int, int] = defaultdict(int)
         self.rows_received = 0
@@ -273,16 +302,19 @@ class PartWriter:
         cols = {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
         errors = cols["error"].astype(object)
         ok = errors == ""
+        deferred = cols["error_stage"].astype(object) == DEFERRED
+        failed = ~ok & ~deferred
         uris = cols["uri"].astype(object)
         name = f"part-{part:05d}.parquet"
-        if (~ok).any():
+        self.ensure_held()
+        if failed.any():
             failures = pa.table(
                 {
-                    "uri": pa.array(uris[~ok].tolist(), pa.string()),
+                    "uri": pa.array(uris[failed].tolist(), pa.string()),
                     "stage": pa.array(
-                        cols["error_stage"][~ok].astype(object).tolist(), pa.string()
+                        cols["error_stage"][failed].astype(object).tolist(), pa.string()
                     ),
-                    "error": pa.array(errors[~ok].tolist(), pa.string()),
+                    "error": pa.array(errors[failed].tolist(), pa.string()),
                 },
                 schema=FAILURES_SCHEMA,
             )
@@ -300,11 +332,22 @@ class PartWriter:
             schema=embeddings_schema(self.dim),
         )
         storage.write_parquet(storage.join(self.run_dir, EMBEDDINGS_DIR, name), table)
-        self.rows_written += len(uris)
-        self.failed_written += int((~ok).sum())
+        self.rows_written += int(ok.sum() + failed.sum())
+        self.failed_written += int(failed.sum())
+        self.deferred += int(deferred.sum())
+        if deferred.any():
+            self.deferred_error = str(errors[deferred][-1])
         self.parts_committed += 1
         del self.counts[part]
-        log.info("committed %s: %d embedded, %d failed", name, int(ok.sum()), int((~ok).sum()))
+        log.info(
+            "committed %s: %d embedded, %d failed%s",
+            name,
+            int(ok.sum()),
+            int(failed.sum()),
+            f", {int(deferred.sum())} left for the resume (store unreachable)"
+            if deferred.any()
+            else "",
+        )
 
 
 # --- run-directory bookkeeping ---------------------------------------------------------------
@@ -631,14 +674,19 @@ def _feeder_dataset(queue: Any, target_bytes: int) -> Any:
     return ds
 
 
-def run_embed(cfg: RunConfig) -> dict[str, Any]:
+def run_embed(cfg: RunConfig, *, ensure_held: Callable[[], None] | None = None) -> dict[str, Any]:
     """Run the embed stage; returns the record written to run.json under ``stages.embed``.
 
     The listing is streamed: pages of URIs flow, minus those already committed, into Ray Data
     while the listing goes on, so the first parts commit before the last page is listed. The
     driver holds the listed ids (8 bytes per image) and a bounded window of rows, never the
-    listing itself.
+    listing itself. ``ensure_held`` (the run-directory lock's check) runs before every commit.
+
+    Images whose read still failed for a transient reason after the retry budget are committed
+    nowhere; the stage then records ``failed`` and raises ``StoreUnavailable`` (a resume embeds
+    them).
     """
+    held = ensure_held or (lambda: None)
     from ray.data import ActorPoolStrategy
 
     from semclust.ray_runtime import ensure_ray, use_gpu
@@ -676,7 +724,8 @@ def run_embed(cfg: RunConfig) -> dict[str, Any]:
     first_block = next(blocks, None)  # nothing to do: no Ray needed
     spec = EmbedderSpec.from_config(ec)
     dim = get_backbone(ec.backbone).dim
-    processed = 0
+    processed = deferred = 0
+    deferred_error = ""
     if first_block is not None:
         ensure_ray(cfg.ray)
         gpu = use_gpu(ec.device)
@@ -713,7 +762,7 @@ def run_embed(cfg: RunConfig) -> dict[str, Any]:
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
                 if writer is None:
                     dim = int(np.asarray(batch["embedding"]).shape[1])
-                    writer = PartWriter(run_dir, ec.rows_per_part, dim)
+                    writer = PartWriter(run_dir, ec.rows_per_part, dim, held)
                 writer.add(batch)
                 feeder.received_rows(len(batch["part"]))
                 if writer.parts_committed != logged_parts:
@@ -723,10 +772,11 @@ def run_embed(cfg: RunConfig) -> dict[str, Any]:
             feeder.close()
         if feeder.error is not None:
             raise feeder.error
-        writer = writer or PartWriter(run_dir, ec.rows_per_part, dim)
+        writer = writer or PartWriter(run_dir, ec.rows_per_part, dim, held)
         writer.finish(progress.rows_sent, next_part)
         _log_progress(stream, progress, writer)
         processed = writer.rows_written
+        deferred, deferred_error = writer.deferred, writer.deferred_error
     if not stream.done:
         raise RuntimeError("the listing did not reach its end")  # a bug, not a user error
     log.info(
@@ -743,6 +793,26 @@ def run_embed(cfg: RunConfig) -> dict[str, Any]:
     listed = len(listed_ids)
     if counts["duplicates"]:
         raise RuntimeError(f"{counts['duplicates']} image ids appear twice in {run_dir}")
+    if deferred and counts["embedded"] + counts["failed"] + deferred == listed:
+        runinfo.update_stage(
+            run_dir,
+            "embed",
+            {
+                "status": "failed",
+                "listed": listed,
+                "embedded": counts["embedded"],
+                "failed": counts["failed"],
+                "deferred": deferred,
+                "error": deferred_error[:2000],
+            },
+            cfg.to_dict(),
+        )
+        raise StoreUnavailable(
+            f"{deferred} of {listed} images could not be read: the store was unreachable for "
+            f"longer than storage.retry_seconds={storage.retry_policy().seconds:g} s (last error: "
+            f"{deferred_error[:300]}). They are not failures: {counts['embedded']} embedded and "
+            f"{counts['failed']} failed images are committed, and `--mode resume` embeds the rest"
+        )
     if counts["embedded"] + counts["failed"] != listed:
         raise RuntimeError(
             f"listed={listed} but embedded={counts['embedded']} + failed={counts['failed']}; "

@@ -11,7 +11,14 @@ walked directory by directory); tar shards tar by tar, each tar's members sorted
 sorted order of the member URIs; manifests in their own row order (deterministic, and sorting a
 catalogue of millions would need it all in memory). For images inside tar shards, ``offset`` and
 ``size`` give the member's byte range, so a decode task reads it with one ranged read; a
-member's URI is ``<tar URI>#<member name>``. ``offset``/``size`` are -1 for whole files.
+member's URI is ``<tar URI>#<member name>``, both parts raw (``tar_member_parts`` splits it).
+``offset``/``size`` are -1 for whole files.
+
+What is listed from a folder or prefix: a file with an image extension (decodable or
+known-unsupported, see ``decode.is_image_candidate``); else a file whose first bytes are an
+image's signature; else an entry that cannot be read at all (a dangling symlink, a link loop, a
+file without read permission, a directory that cannot be scanned), whatever its name, because
+skipping it would hide it: its read fails and it becomes a ``failures/`` row.
 
 ``list_inputs``/``list_images`` gather a stream into a ``Listing`` (a Python list), a
 convenience for small inputs (reference images, search queries); the embed stage consumes the
@@ -20,7 +27,9 @@ stream itself.
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import posixpath
 import tarfile
 import time
@@ -30,9 +39,11 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 
 from semclust import storage
 from semclust.embed.decode import is_image_candidate
+from semclust.retry import is_transient, retry_call
 
 log = logging.getLogger(__name__)
 
@@ -234,12 +245,17 @@ class InputStream:
             log.warning("ignoring %d tar files mixed with loose images under %s", ignored_tars, uri)
 
     def _image_page(self, files: pa.Table) -> pa.Table:
-        """Images of one page of files: by extension, else by sniffing the first bytes."""
+        """Images of one page of files: by extension, else by sniffing the first bytes; an entry
+        that cannot be read is listed too (its read will fail and be a failure row)."""
         uris: list[str] = []
         for uri, size in zip(
             files.column("uri").to_pylist(), files.column("size").to_pylist(), strict=True
         ):
-            if is_image_candidate(uri) or is_image_candidate(uri, _head(uri, size)):
+            if is_image_candidate(uri):
+                uris.append(uri)
+                continue
+            head = _head(uri, size)
+            if head is None or is_image_candidate(uri, head):
                 uris.append(uri)
             else:
                 self.skipped += 1
@@ -260,7 +276,17 @@ class InputStream:
         for tar_uri in sorted(tar_uris, key=lambda u: u + "#"):
             rows: list[tuple[str, int, int]] = []
             fs, path = storage.resolve(tar_uri)
-            with fs.open_input_file(path) as f, tarfile.open(fileobj=f, mode="r:") as tar:
+            try:
+                f = fs.open_input_file(path)
+            except OSError as exc:
+                if is_transient(exc):
+                    raise
+                # A dangling or unreadable shard: listed as itself, so its read fails and it is
+                # a failure row (its members cannot be known).
+                log.warning("cannot open tar shard %s: %s", tar_uri, exc)
+                yield _page([tar_uri])
+                continue
+            with f, tarfile.open(fileobj=f, mode="r:") as tar:
                 for member in tar:
                     if not member.isfile():
                         continue
@@ -276,12 +302,29 @@ class InputStream:
                 yield _page([r[0] for r in chunk], [r[1] for r in chunk], [r[2] for r in chunk])
 
 
-def _head(uri: str, size: int) -> bytes:
-    if size <= 0:
+def _head(uri: str, size: int) -> bytes | None:
+    """The first bytes of a file for sniffing, or None when it cannot be read at all.
+
+    ``size`` -1 is the listing's mark of an entry it could not stat (a dangling link, a loop, a
+    directory it could not scan). A permission or not-found error is the file's own: None. A
+    transient one (a store briefly away) is retried, then raised, as for a listing request.
+    """
+    if size < 0:
+        return None
+    if size == 0:
         return b""
-    fs, path = storage.resolve(uri)
-    with fs.open_input_stream(path) as f:
-        return f.read(_SNIFF_BYTES)
+
+    def read() -> bytes:
+        fs, path = storage.resolve(uri)
+        with fs.open_input_stream(path) as f:
+            return f.read(_SNIFF_BYTES)
+
+    try:
+        return retry_call(read, storage.retry_policy(), f"sniff {uri}")
+    except OSError as exc:
+        if is_transient(exc):
+            raise
+        return None
 
 
 def _manifest_columns(manifest_uri: str, batch_rows: int) -> Iterator[pa.Array]:
@@ -371,11 +414,74 @@ def list_tar_shards(tar_uris: list[str]) -> Listing:
     return _gather(stream, stream._tar_pages(list(tar_uris)))
 
 
+def tar_member_parts(uri: str, offset: int = -1, size: int = -1) -> tuple[str, str]:
+    """(tar URI, member name) of a member URI ``<tar URI>#<member name>``.
+
+    Either part may contain ``#``, so the split is at a ``#`` that follows a tar suffix
+    (``TAR_SUFFIXES``): the tar's URI ends with one, and a ``#`` inside a name (``a#b.tar``,
+    ``x#1.jpg``) does not follow one. Only a tar whose own URI has such a pair inside
+    (``x.tar#y.tar``) leaves several candidates: then the member's byte range, which travels
+    with its row, decides (see ``_member_evidence``); this costs requests for such names only.
+    """
+    cuts = [i for i, ch in enumerate(uri) if ch == "#" and uri[:i].lower().endswith(TAR_SUFFIXES)]
+    if not cuts:
+        raise ValueError(f"{uri!r} is not a tar member URI (<tar URI>#<member name>)")
+    cut = cuts[0]
+    if len(cuts) > 1:
+        files = [i for i in cuts if _is_file(uri[:i])] or cuts
+        # max() keeps the first of equals: the shortest tar URI when nothing tells them apart.
+        cut = max(files, key=lambda i: _member_evidence(uri[:i], uri[i + 1 :], offset, size))
+    return uri[:cut], uri[cut + 1 :]
+
+
+def _is_file(uri: str) -> bool:
+    fs, path = storage.resolve(uri)
+    try:
+        return fs.get_file_info(path).type == pafs.FileType.File
+    except OSError:
+        return False
+
+
+def _member_evidence(tar_uri: str, member: str, offset: int, size: int) -> int:
+    """How well the 512 bytes before ``offset`` in the tar match the member: tar puts a member's
+    header block right before its data. 2: a valid header (checksum) for ``size`` bytes naming
+    the member; 1: for ``size`` bytes (a long or non-ASCII name is not in that block in full);
+    0: no such header."""
+    if offset < tarfile.BLOCKSIZE or size < 0:
+        return 0
+    fs, path = storage.resolve(tar_uri)
+    try:
+        with fs.open_input_file(path) as f:
+            block = f.read_at(tarfile.BLOCKSIZE, offset - tarfile.BLOCKSIZE)
+        header = tarfile.TarInfo.frombuf(block, "utf-8", "surrogateescape")
+    except (OSError, tarfile.TarError):
+        return 0
+    if header.size != size:
+        return 0
+    return 2 if header.name == member else 1
+
+
+def _refuse_directory(uri: str) -> None:
+    """Raise IsADirectoryError (a permanent error: a failure row, not a retry) for a local
+    directory, such as one the listing could not scan, saying why it was listed."""
+    path = storage.resolve(uri)[1]
+    if not os.path.isdir(path):
+        return
+    try:
+        with os.scandir(path):
+            why = "a directory, not an image file"
+    except OSError as exc:
+        why = f"a directory that cannot be listed ({type(exc).__name__}: {exc.strerror or exc})"
+    raise IsADirectoryError(errno.EISDIR, why, path)
+
+
 def read_image_bytes(uri: str, offset: int = -1, size: int = -1) -> bytes:
     """The bytes of an image: a whole file, or a tar member's byte range."""
     if offset < 0:
+        if not storage.is_remote(uri):
+            _refuse_directory(uri)
         return storage.read_bytes(uri)
-    tar_uri = uri.split("#", 1)[0]
+    tar_uri, _ = tar_member_parts(uri, offset, size)
     fs, path = storage.resolve(tar_uri)
     with fs.open_input_file(path) as f:
         return f.read_at(size, offset)
