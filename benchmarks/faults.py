@@ -49,8 +49,9 @@ def _finish(proc: subprocess.Popen, timeout: float = 900) -> tuple[int, str]:
 
 
 def _last(err: str) -> str:
-    lines = err.strip().splitlines()
-    return lines[-1][:160] if lines else ""
+    """The CLI's own last message (Ray's worker logs may follow it), or "completed"."""
+    lines = [line for line in err.splitlines() if line.startswith("semclust: ")]
+    return lines[-1][:200] if lines else "completed"
 
 
 class Bench:
@@ -169,6 +170,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--per-class", type=int, default=20)
     parser.add_argument("--markdown", action="store_true")
+    parser.add_argument("--only", help="run only the faults whose name contains this")
     args = parser.parse_args()
     rows: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="semclust-faults-") as tmp:
@@ -231,6 +233,8 @@ def main() -> None:
                     (),
                 ),
             ]
+            if args.only:
+                plan = [p for p in plan if args.only.lower() in p[0].lower()]
             for fault, source, target, act, extra in plan:
                 row = bench.scenario(fault, source, target, act, *extra)
                 row["fault"] = f"{fault} (input {source}, run dir {target})"

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
+import threading
+from collections.abc import Iterator
+from typing import Any
 
 from semclust.config import RayConfig
 
@@ -17,6 +22,22 @@ def ensure_ray(cfg: RayConfig) -> None:
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    with _keeping_sigterm_handler():
+        _init(ray, cfg)
+
+
+@contextlib.contextmanager
+def _keeping_sigterm_handler() -> Iterator[None]:
+    """Ray's core worker installs its own SIGTERM handler, which aborts the process (exit -6):
+    put back the Python one (the CLI's: stop as Ctrl-C does, record it, exit 143)."""
+    main = threading.current_thread() is threading.main_thread()
+    handler = signal.getsignal(signal.SIGTERM) if main else None
+    yield
+    if main and callable(handler):
+        signal.signal(signal.SIGTERM, handler)
+
+
+def _init(ray: Any, cfg: RayConfig) -> None:
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     if address:
         if cfg.num_cpus or cfg.object_store_memory:
