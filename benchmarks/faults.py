@@ -27,31 +27,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tests.faults import (
     UNUSABLE,
+    cli_message,
     embed_command,
+    finish,
     model_actor_started,
     outage,
     read_outcome,
     relative,
     start_and_wait,
-    stop_group,
 )
 from tests.s3server import ACCESS_KEY, SECRET_KEY, start_s3_server
 
 from semclust import storage
 
 
-def _finish(proc: subprocess.Popen, timeout: float = 900) -> tuple[int, str]:
-    try:
-        _, err = proc.communicate(timeout=timeout)
-    finally:
-        stop_group(proc)
-    return proc.returncode, err
-
-
 def _last(err: str) -> str:
-    """The CLI's own last message (Ray's worker logs may follow it), or "completed"."""
-    lines = [line for line in err.splitlines() if line.startswith("semclust: ")]
-    return lines[-1][:200] if lines else "completed"
+    return (cli_message(err) or "completed")[:200]
 
 
 class Bench:
@@ -129,7 +120,7 @@ class Bench:
         start = time.monotonic()
         proc = start_and_wait(cmd, dict(os.environ), model_actor_started)
         act(proc, run_dir)
-        code, err = _finish(proc)
+        code, err = finish(proc)
         codes, message = [code], _last(err)
         if code != 0:
             done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)

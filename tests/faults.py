@@ -127,6 +127,22 @@ def stop_group(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
+def finish(proc: subprocess.Popen, timeout: float = 600) -> tuple[int, str]:
+    """Wait for the job; (exit status, stderr); whatever is left of its process group killed."""
+    try:
+        _, err = proc.communicate(timeout=timeout)
+    finally:
+        stop_group(proc)
+    return proc.returncode, err
+
+
+def cli_message(stderr: str) -> str | None:
+    """The CLI's own last message (Ray's logs of workers can still arrive after it, so not
+    simply the last line of stderr); None when it printed none."""
+    mine = [line for line in stderr.splitlines() if line.startswith("semclust: ")]
+    return mine[-1] if mine else None
+
+
 @dataclass
 class Outcome:
     """What a run directory holds after a fault, against the images that were listed."""

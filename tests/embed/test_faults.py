@@ -21,8 +21,10 @@ from semclust import storage
 from tests.faults import (
     UNUSABLE,
     check_complete,
+    cli_message,
     committed_parts,
     embed_command,
+    finish,
     model_actor_started,
     outage,
     read_outcome,
@@ -73,24 +75,14 @@ def _env(store) -> dict[str, str]:
     return dict(os.environ, AWS_ENDPOINT_URL=store.endpoint)
 
 
-def _finish(proc: subprocess.Popen, timeout: float = 600) -> tuple[int, str]:
-    try:
-        _, err = proc.communicate(timeout=timeout)
-    finally:
-        stop_group(proc)
-    return proc.returncode, err
-
-
 def _no_traceback(stderr: str) -> None:
     assert "Traceback" not in stderr, stderr[-3000:]
 
 
 def _last_line(stderr: str) -> str:
-    """The CLI's own message: the last line it printed (Ray's log lines of workers can still
-    arrive after it, so not simply the last line of stderr)."""
-    mine = [line for line in stderr.splitlines() if line.startswith("semclust: ")]
-    assert mine, stderr[-3000:]
-    return mine[-1]
+    message = cli_message(stderr)
+    assert message, stderr[-3000:]
+    return message
 
 
 @pytest.mark.parametrize("source,target", [("s3", "local"), ("s3", "s3")])
@@ -105,7 +97,7 @@ def test_outage_is_ridden_out_by_the_retry_budget(
     cmd = embed_command(prefix + "/", run_dir)
     proc = start_and_wait(cmd, _env(store), model_actor_started)
     outage(store, proc, hold=OUTAGE_SECONDS, min_attempts=12)
-    code, err = _finish(proc)
+    code, err = finish(proc)
     assert code == 0, err[-3000:]
     assert "retrying for up to" in err  # the outage reached the job's reads or writes
     check_complete(read_outcome(run_dir), prefix, reference)
@@ -126,7 +118,7 @@ def test_outage_past_the_budget_fails_cleanly_and_one_resume_completes(
     cmd = embed_command(prefix + "/", run_dir, "--set", "storage.retry_seconds=1")
     proc = start_and_wait(cmd, _env(store), model_actor_started)
     outage(store, proc, hold=None)  # until the job gives up
-    code, err = _finish(proc)
+    code, err = finish(proc)
     _no_traceback(err)
     assert code == 1, err[-3000:]
     line = _last_line(err)
@@ -179,7 +171,7 @@ def test_ctrl_c_exits_130_records_interrupted_and_a_resume_completes(
 
     time.sleep(3)  # the model loading, images in flight
     proc.send_signal(sig)
-    got, err = _finish(proc, timeout=180)
+    got, err = finish(proc, timeout=180)
     assert got == code, err[-3000:]
     _no_traceback(err)
     assert "interrupted" in _last_line(err)
