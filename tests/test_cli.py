@@ -76,6 +76,7 @@ def test_every_error_maps_to_one_message_and_its_exit_status(tmp_path):
     cases = [
         (raised(lambda: (target / "sub").mkdir()), 2, "Not a directory"),
         (OSError(errno.ENOSPC, "No space left on device"), 1, "no space left on the device"),
+        (OSError(errno.ENOSPC, "No space left on device"), 1, "free space, then run the same"),
         (OSError(errno.ECONNREFUSED, "Connection refused"), 1, "the store was unreachable"),
         (PermissionError(errno.EACCES, "Permission denied", "/r"), 2, "permission denied"),
         (StoreUnavailable("3 of 9 images could not be read"), 1, "3 of 9 images"),

@@ -442,7 +442,8 @@ def explain(exc: BaseException) -> tuple[int, str]:
 
     exc = _remote_cause(exc)
     text = storage.redact(str(exc)) or type(exc).__name__
-    resume = "committed work is kept: run the same command again (--mode resume) to go on"
+    again = "run the same command again (--mode resume) to go on"
+    resume = f"committed work is kept: {again}"
     if isinstance(exc, KeyboardInterrupt):
         code = 143 if isinstance(exc, Terminated) else 130
         return code, f"interrupted; {resume}"
@@ -452,11 +453,11 @@ def explain(exc: BaseException) -> tuple[int, str]:
         return 2, text
     if isinstance(exc, OSError):
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            return 1, f"no space left on the device: {text}; free space, then {resume[6:]}"
+            return 1, f"no space left on the device: {text}; free space, then {again}"
         if isinstance(exc, PermissionError) or exc.errno in (errno.EACCES, errno.EROFS):
             return 2, f"permission denied: {text}; check who may write the run directory"
         if is_transient(exc):
-            return 1, f"the store was unreachable: {text}. {resume[0].upper()}{resume[1:]}"
+            return 1, f"the store was unreachable: {text}; {resume}"
         return 1, f"{text}; {resume}"
     if isinstance(exc, RuntimeError):
         return 1, text
