@@ -2,7 +2,7 @@
 
 On the same kind of images and batch size, in one run (the machine is noisy, so only ratios within
 one run are compared):
-  (a) pipeline: ``run_embed`` end to end on N images (listing, Ray Data read + decode tasks, the
+  (a) pipeline: the embed stage end to end on N images (listing, Ray Data read + decode tasks, the
       actor pool, committing Parquet shards), cold start included; and its marginal rate,
       N / (t(2N) - t(N)) from two warm runs on N and 2N images, which cancels the fixed costs
       (Ray Data and actor start-up, about 10 s on CPU) that dominate a short run;
@@ -34,8 +34,8 @@ def _weights_for(backbone: str) -> str:
 
 
 def _pipeline_seconds(backbone: str, source: str, batch: int, threads: int | None) -> tuple:
+    from semclust import runner
     from semclust.config import load_config
-    from semclust.embed.pipeline import run_embed
 
     run_dir = Path(tempfile.mkdtemp(prefix=f"bench-{backbone}-"))
     overrides = {
@@ -49,7 +49,7 @@ def _pipeline_seconds(backbone: str, source: str, batch: int, threads: int | Non
         "embed.threads": threads,
     }
     start = time.perf_counter()
-    record = run_embed(load_config(None, overrides))
+    record = runner.run_stages(load_config(None, overrides), ["embed"])["embed"]
     seconds = time.perf_counter() - start
     shutil.rmtree(run_dir, ignore_errors=True)
     return seconds, record
@@ -68,7 +68,7 @@ def bench_backbone(
     copies on S3); ``images`` is the local folder of the N."""
     from semclust.embed.backbones import Embedder
     from semclust.embed.decode import decode_batch
-    from semclust.embed.pipeline import list_images
+    from semclust.embed.sources import list_images
 
     weights = _weights_for(backbone)
     # The first run pays the cold start (worker processes importing TensorFlow); Ray reuses
@@ -190,7 +190,7 @@ def _images_on_s3(folders: tuple[Path, ...], workdir: Path) -> tuple[object, tup
     )
     from semclust import storage
 
-    storage.configure_s3(storage.s3_options_from_env())
+    storage.forget_clients()  # new credentials in the environment
     client = server.client()
     client.create_bucket(Bucket="bench")
     uris = []

@@ -107,7 +107,8 @@ def inertia(x: np.ndarray, centroids: np.ndarray) -> float:
 def bench_kmeans(x: np.ndarray) -> dict[str, Any]:
     from sklearn.cluster import KMeans
 
-    from semclust.clustering.kmeans import CentroidAssigner, KMeansModel, faiss_kmeans
+    from semclust.clustering.kmeans import CentroidAssigner, faiss_kmeans
+    from semclust.clustering.model import KMeansModel
     from semclust.clustering.pca import RowTransform
 
     n = len(x)
@@ -160,8 +161,8 @@ def faiss_exact_graph(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
 
 def ivf_graph(x: np.ndarray, k: int, nprobe: int) -> tuple[np.ndarray, float, dict[str, Any]]:
     """semclust's IVF graph path: IVF-Flat trained on a sample, every row queried."""
-    from semclust.clustering.exact import similarity_space
     from semclust.clustering.knn import drop_self
+    from semclust.index.exact import similarity_space
     from semclust.index.factory import IndexSpec, auto_nlist
 
     spec = IndexSpec("ivf_flat", x.shape[1], "cosine", nlist=auto_nlist(len(x)))
@@ -232,9 +233,9 @@ def bench_index(x: np.ndarray, queries: np.ndarray) -> list[dict[str, Any]]:
     """Build each index type on ``x`` (sample-trained, added in 50k-row shards) and query it."""
     import faiss
 
-    from semclust.clustering.exact import similarity_space
-    from semclust.clustering.faiss_ops import set_search_params
+    from semclust.index.exact import similarity_space
     from semclust.index.factory import choose_spec
+    from semclust.index.faiss_ops import set_search_params
 
     exact = faiss.IndexFlatIP(x.shape[1])
     exact.add(x)

@@ -70,7 +70,7 @@ class Bench:
             AWS_ENDPOINT_URL=self.store.endpoint,
             AWS_REGION="us-east-1",
         )
-        storage.configure_s3(storage.s3_options_from_env())
+        storage.forget_clients()  # new endpoint and credentials in the environment
         self.n = 0
 
     def run_dir(self, where: str) -> str:
@@ -157,100 +157,78 @@ def _second_run(bench: Bench, source: str) -> Callable[[subprocess.Popen, str], 
     return act
 
 
+def _plan(bench: Bench) -> list[tuple[str, str, str, Callable, tuple[str, ...]]]:
+    """(fault, input on, run dir on, what to do once the model actor runs, extra flags)."""
+    short = ("--set", "storage.retry_seconds=1")
+    past_budget = "S3 down past a 1 s retry budget"
+    return [
+        ("S3 down, 10 s after the first refused read", "s3", "local", bench.outage(10), ()),
+        ("S3 down, 60 s after the first refused request", "s3", "s3", bench.outage(60), ()),
+        (f"{past_budget}: reads fail", "s3", "local", bench.outage(None), short),
+        (f"{past_budget}: reads and commits fail", "s3", "s3", bench.outage(None), short),
+        (f"{past_budget}: commits fail", "local", "s3", bench.outage(None), short),
+        ("Ctrl-C (SIGINT to the driver)", "local", "local", _signal(signal.SIGINT), ()),
+        ("SIGTERM to the driver (pod stopped)", "local", "local", _signal(signal.SIGTERM), ()),
+        (
+            "SIGKILL of the whole job (driver, raylet, workers)",
+            "local",
+            "local",
+            _signal(signal.SIGKILL),
+            (),
+        ),
+        ("second embed on the same run dir", "local", "local", _second_run(bench, "local"), ()),
+        ("second embed on the same run dir", "local", "s3", _second_run(bench, "local"), ()),
+    ]
+
+
+def _run_plan(bench: Bench, only: str | None) -> list[dict]:
+    rows: list[dict] = []
+    plan = _plan(bench)
+    if only:
+        plan = [p for p in plan if only.lower() in p[0].lower()]
+    for fault, source, target, act, extra in plan:
+        row = bench.scenario(fault, source, target, act, *extra)
+        row["fault"] = f"{fault} (input {source}, run dir {target})"
+        if fault.startswith("second embed"):
+            code, line = bench.second_runs[-1]  # type: ignore[attr-defined]
+            row["second_run"] = {"exit_code": code, "message": line}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def _print_markdown(rows: list[dict]) -> None:
+    print(
+        "\n| fault | exit codes (run, resume) | images lost | duplicated | healthy "
+        "images as failures | message |"
+    )
+    print("| --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        msg = r.get("second_run", {}).get("message") or r["message"]
+        codes = r["exit_codes"]
+        if "second_run" in r:
+            codes = [r["second_run"]["exit_code"], *codes]
+        print(
+            f"| {r['fault']} | {', '.join(map(str, codes))} | {r['lost']} | "
+            f"{r['duplicated']} | {r['healthy_failures']} | {msg.replace('|', '/')} |"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--per-class", type=int, default=20)
     parser.add_argument("--markdown", action="store_true")
     parser.add_argument("--only", help="run only the faults whose name contains this")
     args = parser.parse_args()
-    rows: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="semclust-faults-") as tmp:
         bench = Bench(Path(tmp), args.per_class)
         bench.second_runs = []  # type: ignore[attr-defined]
-        short = ("--set", "storage.retry_seconds=1")
         try:
-            # (fault, input on, run dir on, what to do once the model actor runs, extra flags)
-            plan = [
-                ("S3 down, 10 s after the first refused read", "s3", "local", bench.outage(10), ()),
-                ("S3 down, 60 s after the first refused request", "s3", "s3", bench.outage(60), ()),
-                (
-                    "S3 down past a 1 s retry budget: reads fail",
-                    "s3",
-                    "local",
-                    bench.outage(None),
-                    short,
-                ),
-                (
-                    "S3 down past a 1 s retry budget: reads and commits fail",
-                    "s3",
-                    "s3",
-                    bench.outage(None),
-                    short,
-                ),
-                (
-                    "S3 down past a 1 s retry budget: commits fail",
-                    "local",
-                    "s3",
-                    bench.outage(None),
-                    short,
-                ),
-                ("Ctrl-C (SIGINT to the driver)", "local", "local", _signal(signal.SIGINT), ()),
-                (
-                    "SIGTERM to the driver (pod stopped)",
-                    "local",
-                    "local",
-                    _signal(signal.SIGTERM),
-                    (),
-                ),
-                (
-                    "SIGKILL of the whole job (driver, raylet, workers)",
-                    "local",
-                    "local",
-                    _signal(signal.SIGKILL),
-                    (),
-                ),
-                (
-                    "second embed on the same run dir",
-                    "local",
-                    "local",
-                    _second_run(bench, "local"),
-                    (),
-                ),
-                (
-                    "second embed on the same run dir",
-                    "local",
-                    "s3",
-                    _second_run(bench, "local"),
-                    (),
-                ),
-            ]
-            if args.only:
-                plan = [p for p in plan if args.only.lower() in p[0].lower()]
-            for fault, source, target, act, extra in plan:
-                row = bench.scenario(fault, source, target, act, *extra)
-                row["fault"] = f"{fault} (input {source}, run dir {target})"
-                if fault.startswith("second embed"):
-                    code, line = bench.second_runs[-1]  # type: ignore[attr-defined]
-                    row["second_run"] = {"exit_code": code, "message": line}
-                rows.append(row)
-                print(json.dumps(row), flush=True)
+            rows = _run_plan(bench, args.only)
         finally:
             bench.store.stop()
     if args.markdown:
-        print(
-            "\n| fault | exit codes (run, resume) | images lost | duplicated | healthy "
-            "images as failures | message |"
-        )
-        print("| --- | --- | --- | --- | --- | --- |")
-        for r in rows:
-            msg = r.get("second_run", {}).get("message") or r["message"]
-            codes = r["exit_codes"]
-            if "second_run" in r:
-                codes = [r["second_run"]["exit_code"], *codes]
-            print(
-                f"| {r['fault']} | {', '.join(map(str, codes))} | {r['lost']} | "
-                f"{r['duplicated']} | {r['healthy_failures']} | {msg.replace('|', '/')} |"
-            )
+        _print_markdown(rows)
 
 
 if __name__ == "__main__":

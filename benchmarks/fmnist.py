@@ -32,7 +32,7 @@ def start_server(data_dir: Path):
     )
     from semclust import storage
 
-    storage.configure_s3(storage.s3_options_from_env())
+    storage.forget_clients()  # the S3 settings above come from the environment set here
     return server
 
 

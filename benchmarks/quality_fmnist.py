@@ -21,6 +21,7 @@ image is the folder in its URI, as the uploader writes them):
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -106,7 +107,7 @@ def _phases(args: argparse.Namespace) -> list[str]:
 def _pipeline(args: argparse.Namespace, run_dir: str, phases: list[str], figures: dict) -> None:
     """embed, cluster, graph, index: the stages' own code, on the S3 server."""
     from semclust.config import load_config
-    from semclust.runner import stage_function
+    from semclust.runner import run_stages
 
     cfg = load_config(
         None,
@@ -125,7 +126,7 @@ def _pipeline(args: argparse.Namespace, run_dir: str, phases: list[str], figures
     )
     for name in (s for s in PIPELINE if s in phases):
         start = time.perf_counter()
-        record = stage_function(name)(cfg)
+        record = run_stages(cfg, [name])[name]
         figures[f"{name}_seconds"] = round(time.perf_counter() - start, 1)
         if name == "embed":
             figures["embed"] = {
@@ -135,8 +136,9 @@ def _pipeline(args: argparse.Namespace, run_dir: str, phases: list[str], figures
 
 def _later(args: argparse.Namespace, run_dir: str, phases: list[str], figures: dict) -> None:
     """SCAN and DEC heads, evaluation against the true classes, 1% seed labels."""
-    from semclust.clustering.refine import RefineConfig, run_refine
+    from semclust.config import RefineConfig, RunConfig
     from semclust.evaluate import evaluate_run, headline
+    from semclust.runner import run_stages
 
     scan_overrides = {}
     if args.scan_epochs is not None:
@@ -148,7 +150,9 @@ def _later(args: argparse.Namespace, run_dir: str, phases: list[str], figures: d
             continue
         rc = RefineConfig(method=method, **(scan_overrides if method == "scan" else {}))
         start = time.perf_counter()
-        record = run_refine(run_dir, rc, mode="overwrite", num_cpus=args.num_cpus)
+        cfg = RunConfig(run_dir=run_dir, mode="overwrite", refine=rc)
+        cfg = dataclasses.replace(cfg, ray=dataclasses.replace(cfg.ray, num_cpus=args.num_cpus))
+        record = run_stages(cfg, [f"refine_{method}"])[f"refine_{method}"]
         figures[f"{method}_seconds"] = round(time.perf_counter() - start, 1)
         figures[method] = {
             key: record.get(key)
@@ -159,11 +163,13 @@ def _later(args: argparse.Namespace, run_dir: str, phases: list[str], figures: d
             k: v for k, v in record["settings"]["refine"].items() if k in _SHOWN_SETTINGS
         }
     if "label" in phases:
-        from semclust.label import LabelConfig, run_label
+        from semclust import runner
+        from semclust.config import LabelConfig, RunConfig
 
         seeds_uri = _seed_file(run_dir, args.seed_fraction, args.seed)
         start = time.perf_counter()
-        record = run_label(run_dir, LabelConfig(seed_labels=seeds_uri, seed=args.seed))
+        cfg = RunConfig(run_dir=run_dir, label=LabelConfig(seed_labels=seeds_uri, seed=args.seed))
+        record = runner.run_stages(cfg, ["label"])["label"]
         figures["label_seconds"] = round(time.perf_counter() - start, 1)
         figures["label"] = {
             "seed_fraction": args.seed_fraction,
@@ -205,12 +211,12 @@ def _seed_file(run_dir: str, fraction: float, seed: int) -> str:
     import pyarrow as pa
 
     from semclust import storage
-    from semclust.embed.pipeline import EMBEDDINGS_DIR
     from semclust.evaluate import truth_from_folders
+    from semclust.rundir.layout import EMBEDDINGS
 
     uris = [
         u
-        for shard in storage.list_shards(storage.join(run_dir, EMBEDDINGS_DIR))
+        for shard in storage.list_shards(storage.join(run_dir, EMBEDDINGS))
         for u in storage.read_parquet(shard, ["uri"])["uri"].to_pylist()
     ]
     rng = np.random.default_rng(seed)

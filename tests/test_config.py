@@ -141,16 +141,3 @@ def test_refine_label_and_storage_sections_load_from_yaml(tmp_path):
     assert cfg.label.seed_labels == "s3://b/labels.csv" and cfg.label.method == "propagation"
     assert cfg.storage.endpoint_url == "http://127.0.0.1:9000" and cfg.storage.anonymous is True
     assert (cfg.embed.precision, cfg.embed.xla, cfg.embed.threads) == ("mixed", True, 4)
-
-
-def test_overwrite_clears_only_the_stages_that_read_a_stage():
-    from semclust.runinfo import STAGE_INPUTS, STAGE_OUTPUTS, stage_and_dependents
-
-    assert set(STAGE_INPUTS) == set(STAGE_OUTPUTS)
-    assert stage_and_dependents("embed") == list(STAGE_OUTPUTS)
-    assert stage_and_dependents("cluster") == ["cluster", "refine_scan", "refine_dec", "label"]
-    assert stage_and_dependents("graph") == ["graph", "refine_scan", "label"]
-    assert stage_and_dependents("index") == ["index"]
-    assert stage_and_dependents("refine_dec") == ["refine_dec", "label"]
-    with pytest.raises(ValueError, match="unknown stage 'evaluate'"):
-        stage_and_dependents("evaluate")

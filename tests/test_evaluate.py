@@ -123,7 +123,7 @@ def test_evaluate_run_writes_every_score(small_run, tmp_path):
     keep = np.arange(len(ids)) % 10 != 0  # a tenth of the images has no truth
     truth = _truth_file(tmp_path / "truth.parquet", ids, labels, keep)
     # A refined clustering that is exactly the truth, and labels/ with known right/wrong rows.
-    from semclust.clustering.kmeans import assignments_table
+    from semclust.rundir.tables import assignments_table
 
     perfect = np.stack([labels, (labels + 1) % 4], axis=1)
     dist = np.zeros((len(ids), 2), dtype=np.float32)
@@ -236,7 +236,9 @@ def test_evaluate_command_prints_the_headline(small_run, capsys):
         main(["evaluate", "--run-dir", str(run), "--truth", "none", "--silhouette-sample", "100"])
         == 0
     )
-    out = json.loads(capsys.readouterr().out)
+    printed = capsys.readouterr().out  # the stage's line, the headline as JSON, the run dir
+    assert printed.startswith("evaluate: ") and "label-free scores only" in printed
+    out = json.loads(printed.split("\n", 1)[1].rsplit("run directory:", 1)[0])
     assert "kmeans" in out["label_free"] and "stability_ari" in out["label_free"]
     assert json.loads((run / "metrics.json").read_text())["label_free"]["kmeans"]["silhouette"]
     assert main(["evaluate", "--run-dir", str(run), "--retrieval-queries", "0"]) == 2

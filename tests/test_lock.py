@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from semclust import lock, storage
+from semclust import lock, lockstore, storage
 from semclust.errors import RunDirLocked
 
 HOLDER = Path(__file__).with_name("lockholder.py")
@@ -76,7 +76,7 @@ def _fake_lock(run_dir: str, host: str, age: float, **fields: object) -> None:
         "heartbeat_at": beat,
         **fields,
     }
-    uri = storage.join(run_dir, lock.LOCK_NAME)
+    uri = storage.join(run_dir, lockstore.LOCK_NAME)
     storage.write_bytes(uri, json.dumps(holder).encode())
     if not storage.is_remote(run_dir):
         os.utime(storage.resolve(uri)[1], (time.time() - age, time.time() - age))
@@ -194,7 +194,7 @@ def test_racing_processes_one_wins(run_dir, tmp_path):
 
 
 def test_s3_without_conditional_writes_falls_back(s3_bucket, monkeypatch):
-    monkeypatch.setattr(lock, "SETTLE_SECONDS", 0.2)
+    monkeypatch.setattr(lockstore, "SETTLE_SECONDS", 0.2)
     run_dir = f"s3://{s3_bucket}/runs/r1"
     first, second = lock.RunDirLock(run_dir), lock.RunDirLock(run_dir)
     first._store.conditional = second._store.conditional = False  # as on a store without them

@@ -58,7 +58,8 @@ def test_a_wrong_secret_is_not_a_property_of_one_image(s3_server, s3_bucket, mon
     embed read asks the bucket, so credentials that fail for every object defer the image
     (the run stops, the resume reads it) instead of writing each image as a failure."""
     from semclust import storage
-    from semclust.embed.pipeline import _read_one
+    from semclust.config import StorageConfig
+    from semclust.embed.actors import read_one
 
     s3_server.client().put_object(Bucket=s3_bucket, Key="a.jpg", Body=b"x")
     uri = f"s3://{s3_bucket}/a.jpg"
@@ -66,19 +67,19 @@ def test_a_wrong_secret_is_not_a_property_of_one_image(s3_server, s3_bucket, mon
     exc = _error(lambda: fs.open_input_stream(f"{s3_bucket}/a.jpg").read())
     assert "ACCESS_DENIED" in str(exc) and not is_transient(exc)
 
-    before = storage.s3_options()
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-secret-wrong-secret")
-    storage.configure_s3(storage.S3Options(endpoint_url=s3_server.endpoint, retry_seconds=0))
+    storage.forget_clients()
     storage._BUCKET_CHECKS.clear()
     try:
-        data, error, transient = _read_one((uri, -1, -1))
+        with storage.using(StorageConfig(endpoint_url=s3_server.endpoint, retry_seconds=0)):
+            data, error, transient = read_one((uri, -1, -1))
         assert data is None and "ACCESS_DENIED" in error and transient
     finally:
         monkeypatch.undo()
-        storage.configure_s3(before)
+        storage.forget_clients()
         storage._BUCKET_CHECKS.clear()
-    assert _read_one((uri, -1, -1)) == (b"x", "", False)
-    data, error, transient = _read_one((f"s3://{s3_bucket}/gone.jpg", -1, -1))
+    assert read_one((uri, -1, -1)) == (b"x", "", False)
+    data, error, transient = read_one((f"s3://{s3_bucket}/gone.jpg", -1, -1))
     assert data is None and not transient and "FileNotFoundError" in error
 
 

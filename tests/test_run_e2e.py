@@ -14,8 +14,8 @@ import pytest
 
 from semclust import storage
 from semclust.cli import main
-from semclust.embed.pipeline import read_embeddings
 from semclust.evaluate import clustering_scores, truth_from_folders
+from semclust.rundir.embeddings import read_embeddings
 
 pytestmark = pytest.mark.slow
 

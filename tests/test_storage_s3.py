@@ -8,13 +8,16 @@ import pyarrow as pa
 import pytest
 
 from semclust import storage
+from semclust.config import StorageConfig
+from semclust.context import RunContext
 
 
 @pytest.fixture(autouse=True)
-def _fresh_s3_options():
-    storage.configure_s3(storage.s3_options_from_env())
+def _fresh_s3_clients():
+    # Tests change credentials in the environment: S3 clients are cached per settings.
+    storage.forget_clients()
     yield
-    storage.configure_s3(storage.s3_options_from_env())
+    storage.forget_clients()
 
 
 def test_parquet_and_bytes_round_trip(s3_bucket):
@@ -38,14 +41,14 @@ def test_parquet_and_bytes_round_trip(s3_bucket):
 
 def test_endpoint_from_options_not_only_env(s3_server, s3_bucket, monkeypatch):
     monkeypatch.delenv("AWS_ENDPOINT_URL")
-    storage.configure_s3(storage.S3Options(endpoint_url=s3_server.endpoint, region="us-east-1"))
-    storage.write_bytes(f"s3://{s3_bucket}/a.txt", b"hi")
-    assert storage.read_bytes(f"s3://{s3_bucket}/a.txt") == b"hi"
+    with storage.using(StorageConfig(endpoint_url=s3_server.endpoint, region="us-east-1")):
+        storage.write_bytes(f"s3://{s3_bucket}/a.txt", b"hi")
+        assert storage.read_bytes(f"s3://{s3_bucket}/a.txt") == b"hi"
 
 
 def test_wrong_secret_fails_at_once_without_leaking_it(s3_bucket, monkeypatch):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "definitely-not-the-secret")
-    storage.configure_s3(storage.s3_options_from_env())
+    storage.forget_clients()
     with pytest.raises(ValueError) as err:
         storage.check_access(f"s3://{s3_bucket}/images", must_exist=False)
     message = str(err.value)
@@ -79,29 +82,59 @@ def test_storage_section_of_the_config_reaches_ray_workers(
         ["cluster", "--config", str(config), "--run-dir", f"s3://{s3_bucket}/r"]
     )
     cfg = config_from_args(args)
-    assert storage.s3_options() == storage.S3Options(
-        endpoint_url=s3_server.endpoint, region="eu-west-3"
-    )
-    storage.write_bytes(f"s3://{s3_bucket}/from-config.txt", b"config")
+    ctx = RunContext(cfg)
+    assert ctx.storage == StorageConfig(endpoint_url=s3_server.endpoint, region="eu-west-3")
+    with storage.using(cfg.storage):
+        storage.write_bytes(f"s3://{s3_bucket}/from-config.txt", b"config")
+    assert storage.options().region != "eu-west-3"  # only inside the run's context
 
-    def read_in_worker(uri: str) -> tuple[storage.S3Options, bytes]:
-        return storage.s3_options(), storage.read_bytes(uri)
+    def read_in_worker(uri: str) -> tuple[StorageConfig, bytes]:
+        return storage.options(), storage.read_bytes(uri)
 
-    task = ray.remote(storage.with_s3_options(read_in_worker))
-    options, data = ray.get(task.remote(f"s3://{s3_bucket}/from-config.txt"))
+    class Reader:
+        def read(self, uri: str) -> tuple[StorageConfig, bytes]:
+            return storage.options(), storage.read_bytes(uri)
+
+    uri = f"s3://{s3_bucket}/from-config.txt"
+    options, data = ray.get(ctx.remote(read_in_worker).remote(uri))
     assert options.region == "eu-west-3" and options.endpoint_url == s3_server.endpoint
     assert data == b"config"
+    actor = ctx.remote(Reader).remote()
+    options, data = ray.get(actor.read.remote(uri))
+    assert options.region == "eu-west-3" and data == b"config"
     assert "secret" not in repr(cfg.storage).lower()
 
 
-def test_config_fields_win_over_the_environment(monkeypatch):
-    from semclust.config import StorageConfig
+def test_threads_and_generators_keep_the_settings_they_were_bound_to():
+    import threading
 
+    from semclust.context import bind_storage
+
+    section = StorageConfig(endpoint_url="http://bound-host:1", region="eu-north-1")
+    seen: list[str | None] = []
+    with storage.using(section):
+        worker = threading.Thread(
+            target=storage.carry(lambda: seen.append(storage.options().region))
+        )
+        bare = threading.Thread(target=lambda: seen.append(storage.options().region))
+        worker.start(), bare.start()
+        worker.join(), bare.join()
+    assert seen[0] == "eu-north-1" and seen[1] != "eu-north-1"
+
+    def regions():
+        for _ in range(3):
+            yield storage.options().region
+
+    assert list(bind_storage(regions, section)()) == ["eu-north-1"] * 3
+    assert storage.options().region != "eu-north-1"
+
+
+def test_config_fields_win_over_the_environment(monkeypatch):
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://env-host:1")
     monkeypatch.setenv("AWS_REGION", "us-west-2")
-    merged = storage.s3_options_from_config(StorageConfig(region="ap-south-1"))
-    assert merged == storage.S3Options(endpoint_url="http://env-host:1", region="ap-south-1")
-    merged = storage.s3_options_from_config(
+    merged = storage.resolved(StorageConfig(region="ap-south-1"))
+    assert merged == StorageConfig(endpoint_url="http://env-host:1", region="ap-south-1")
+    merged = storage.resolved(
         StorageConfig(endpoint_url="https://minio.local:9000", anonymous=True)
     )
     assert merged.endpoint_url == "https://minio.local:9000" and merged.anonymous

@@ -8,141 +8,17 @@ reaches any config field by its dotted name.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
+import typing
 from collections.abc import Sequence
 from typing import Any
 
 from semclust import __version__
 
 log = logging.getLogger("semclust")
-
-
-def _k_value(text: str) -> int | str:
-    """``--k``: an integer, or ``auto``."""
-    if text.strip().lower() == "auto":
-        return "auto"
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer or 'auto', got {text!r}") from None
-
-
-# (flag, dotted config key, type, help) per stage; `run` takes all of them.
-_STAGE_FLAGS: dict[str, list[tuple[str, str, Any, str]]] = {
-    "embed": [
-        ("--backbone", "embed.backbone", str, "backbone: resnet50 (default) or efficientnet_lite0"),
-        (
-            "--weights",
-            "embed.weights",
-            str,
-            "imagenet | random | default (packaged weights) | path to a weights/.keras/.pth file",
-        ),
-        ("--image-size", "embed.image_size", int, "input size (default: the backbone's own)"),
-        ("--resize", "embed.resize", str, "center_crop | squash | pad"),
-        ("--batch-size", "embed.batch_size", int, "images per model call"),
-        ("--num-actors", "embed.num_actors", int, "model actors (min of the pool)"),
-        ("--max-actors", "embed.max_actors", int, "model actors (max of the pool)"),
-        ("--rows-per-part", "embed.rows_per_part", int, "rows per embeddings shard"),
-        ("--device", "embed.device", str, "auto | cpu | gpu"),
-        ("--keras-backend", "embed.keras_backend", str, "tensorflow | jax | torch"),
-    ],
-    "cluster": [
-        ("--k", "cluster.k", _k_value, "number of clusters, or 'auto' (k_min..k_max on a sample)"),
-        ("--k-min", "cluster.k_min", int, "--k auto: smallest k tried (default 2)"),
-        ("--k-max", "cluster.k_max", int, "--k auto: largest k tried (default 50)"),
-        ("--niter", "cluster.niter", int, "k-means iterations"),
-        ("--nredo", "cluster.nredo", int, "k-means restarts (best objective kept)"),
-        ("--init", "cluster.init", str, "kmeans++ (default, greedy) | random"),
-        ("--seed", "cluster.seed", int, "k-means seed"),
-        (
-            "--max-points-per-centroid",
-            "cluster.max_points_per_centroid",
-            int,
-            "training sample: at most this x k rows (default 256)",
-        ),
-        ("--pca-dim", "cluster.pca_dim", int, "cluster on this many principal components"),
-        ("--whiten", "cluster.whiten", bool, "whiten the principal components"),
-        ("--hierarchical", "cluster.hierarchical", str, "two-level k-means: auto | on | off"),
-        ("--assign-actors", "cluster.num_actors", int, "Ray actors assigning rows"),
-        ("--cluster-device", "cluster.device", str, "auto | cpu | gpu"),
-    ],
-    "graph": [
-        ("--knn-k", "graph.k", int, "neighbours per image in the kNN graph"),
-        ("--metric", "graph.metric", str, "cosine | l2"),
-        ("--graph-method", "graph.method", str, "auto | exact | ivf | hnsw"),
-        ("--graph-nprobe", "graph.nprobe", int, "IVF lists searched per query"),
-        ("--graph-nlist", "graph.nlist", int, "IVF lists (default about 4 sqrt(N))"),
-        ("--fp16", "graph.fp16", bool, "GPU exact graph: store vectors in float16"),
-        ("--min-recall", "graph.min_recall", float, "fail an approximate graph below this"),
-        (
-            "--duplicate-threshold",
-            "graph.duplicate_threshold",
-            str,
-            "edges with similarity >= this form near-duplicate groups (none: skip)",
-        ),
-        ("--graph-actors", "graph.num_actors", int, "Ray actors answering kNN queries"),
-        ("--graph-device", "graph.device", str, "auto | cpu | gpu"),
-    ],
-    "index": [
-        ("--index-type", "index.type", str, "auto | flat | ivf_flat | ivf_pq | hnsw"),
-        ("--index-memory", "index.memory", str, "memory budget for the index, e.g. 8GB"),
-        ("--index-nlist", "index.nlist", int, "IVF lists (default about 4 sqrt(N))"),
-        ("--index-nprobe", "index.nprobe", int, "default IVF lists searched per query"),
-        ("--pq-m", "index.pq_m", int, "IVF-PQ bytes per vector (default: most that fit)"),
-        ("--index-device", "index.device", str, "auto | cpu | gpu"),
-    ],
-    "refine": [
-        ("--method", "refine.method", str, "scan (default) | dec"),
-        ("--k", "refine.k", int, "clusters (default: the k-means model's k)"),
-        ("--epochs", "refine.epochs", int, "SCAN training epochs (default 30)"),
-        ("--heads", "refine.heads", int, "SCAN heads trained at once; the lowest loss is kept"),
-        ("--hidden", "refine.hidden", int, "width of the shared hidden layer (0: linear heads)"),
-        ("--entropy-weight", "refine.entropy_weight", float, "SCAN balance term weight (5.0)"),
-        ("--num-neighbors", "refine.num_neighbors", int, "SCAN: graph neighbours per row (20)"),
-        ("--self-label-epochs", "refine.self_label_epochs", int, "SCAN self-labelling (0: skip)"),
-        (
-            "--confidence-threshold",
-            "refine.confidence_threshold",
-            float,
-            "self-labelling trains on rows at least this confident (0.99)",
-        ),
-        ("--batch-size", "refine.batch_size", int, "rows (SCAN: pairs) per step (512)"),
-        ("--learning-rate", "refine.learning_rate", float, "Adam learning rate (SCAN)"),
-        ("--dec-tolerance", "refine.dec_tolerance", float, "DEC stops below this change rate"),
-        ("--dec-max-epochs", "refine.dec_max_epochs", int, "DEC passes over the data at most"),
-        ("--seed", "refine.seed", int, "training seed"),
-        ("--refine-device", "refine.device", str, "auto | cpu | gpu"),
-    ],
-    "label": [
-        ("--refs", "label.refs", str, "folder/URI with one sub-folder of example images per class"),
-        ("--seed-labels", "label.seed_labels", str, "Parquet/CSV of uri,label (labelled subset)"),
-        ("--names", "label.names", str, "YAML mapping cluster id -> name"),
-        (
-            "--assignments",
-            "label.assignments",
-            str,
-            "clusters to label or name: kmeans (default) | scan | dec | auto (best present)",
-        ),
-        ("--min-confidence", "label.min_confidence", float, "lower confidence -> unknown"),
-        (
-            "--unknown-threshold",
-            "label.unknown_threshold",
-            float,
-            "refs: cosine under which an image is unknown (default: per class, automatic)",
-        ),
-        ("--vote-k", "label.vote_k", int, "refs: graph neighbours in each image's vote (10)"),
-        (
-            "--label-method",
-            "label.method",
-            str,
-            "seed labels: auto (best cross-validated) | head | propagation | blend",
-        ),
-        ("--cv-folds", "label.cv_folds", int, "seed labels: cross-validation folds (5)"),
-        ("--label-seed", "label.seed", int, "seed of the head and the folds"),
-    ],
-}
 
 
 def _parse_set(items: Sequence[str]) -> dict[str, Any]:
@@ -176,25 +52,43 @@ def _add_common(p: argparse.ArgumentParser, *, needs_run_dir: bool = True) -> No
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
 
-def _add_stage_flags(p: argparse.ArgumentParser, stages: Sequence[str]) -> None:
-    for stage in stages:
-        group = p.add_argument_group(f"{stage} options")
-        for flag, key, tp, help_text in _STAGE_FLAGS[stage]:
-            if tp is bool:
-                group.add_argument(flag, dest=key, action="store_const", const=True, help=help_text)
+def _add_section_flags(p: argparse.ArgumentParser, sections: Sequence[str]) -> None:
+    """The flags of each config section's fields that declare one (``config.values.flag``)."""
+    from semclust.config import RunConfig
+
+    hints = typing.get_type_hints(RunConfig)
+    seen: set[str] = set()
+    for section in dict.fromkeys(sections):
+        group = p.add_argument_group(f"{section} options")
+        for f in dataclasses.fields(hints[section]):
+            meta = f.metadata
+            if "flag" not in meta or meta["flag"] in seen:
+                continue
+            seen.add(meta["flag"])
+            dest = f"{section}.{f.name}"
+            if meta["const"] is not None:
+                group.add_argument(
+                    meta["flag"],
+                    dest=dest,
+                    action="store_const",
+                    const=meta["const"],
+                    help=meta["help"],
+                )
             else:
-                group.add_argument(flag, dest=key, type=tp, help=help_text)
-    if "embed" in stages:
-        p.add_argument(
-            "--no-normalize",
-            dest="embed.normalize",
-            action="store_const",
-            const=False,
-            help="keep raw embeddings (default: L2-normalised)",
-        )
+                parse = meta["parse"] or _parser_of(hints[section], f.name)
+                group.add_argument(meta["flag"], dest=dest, type=parse, help=meta["help"])
+
+
+def _parser_of(section: type, name: str) -> Any:
+    """The argparse type of a field: its type, or the non-None member of ``X | None``."""
+    tp = typing.get_type_hints(section)[name]
+    members = [a for a in typing.get_args(tp) if a is not type(None)] or [tp]
+    return members[0] if members[0] in (int, float, str) else str
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from semclust import stages
+
     parser = argparse.ArgumentParser(
         prog="semclust",
         description="Images in object storage -> embeddings, clusters, a kNN graph and a "
@@ -203,43 +97,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"semclust {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("run", help="all stages in order: embed, cluster, graph, index")
+    run_stages = [stages.by_name(name) for name in stages.RUN]
+    p = sub.add_parser("run", help="the stages in order: " + ", ".join(stages.RUN))
     p.add_argument("input", nargs="?", help="image folder, file:// or s3:// prefix (none: demo)")
     _add_common(p)
-    _add_stage_flags(p, ["embed", "cluster", "graph", "index"])
-
-    p = sub.add_parser("embed", help="images -> embeddings/ and failures/")
-    p.add_argument("input", nargs="?", help="image folder, file:// or s3:// prefix")
-    _add_common(p)
-    _add_stage_flags(p, ["embed"])
-
-    for stage, help_text in (
-        ("cluster", "embeddings/ -> model/ and assignments/ (FAISS k-means)"),
-        ("graph", "embeddings/ -> knn/ and duplicates/ (FAISS kNN graph, exact or IVF/HNSW)"),
-        ("index", "embeddings/ -> index/ (FAISS index sized to N and --index-memory)"),
-    ):
-        p = sub.add_parser(stage, help=help_text)
+    _add_section_flags(p, [stage.section for stage in run_stages])
+    for command in stages.commands():
+        spec = stages.for_command(command, stages.default_variant(command))
+        p = sub.add_parser(command, help=spec.help)
+        if spec.creates_run_dir:
+            p.add_argument("input", nargs="?", help="image folder, file:// or s3:// prefix")
         _add_common(p)
-        _add_stage_flags(p, [stage])
+        _add_section_flags(p, [spec.section])
+    _add_tool_parsers(sub)
+    return parser
 
-    p = sub.add_parser(
-        "refine", help="SCAN or DEC head on embeddings (+ knn/) -> assignments_scan|dec/"
-    )
-    _add_common(p)
-    _add_stage_flags(p, ["refine"])
 
-    p = sub.add_parser("label", help="labels/ from reference images, seed labels or cluster names")
-    _add_common(p)
-    _add_stage_flags(p, ["label"])
-
+def _add_tool_parsers(sub: Any) -> None:
+    """The commands that are not stages: compare, search, unlock, demo."""
     from semclust.compare import add_compare_arguments
-    from semclust.evaluate import add_evaluate_arguments
-
-    p = sub.add_parser(
-        "evaluate", help="metrics.json: scores against known classes, and label-free scores"
-    )
-    _add_common(p)
-    add_evaluate_arguments(p)
 
     p = sub.add_parser("compare", help="several runs' metrics side by side")
     add_compare_arguments(p)
@@ -268,13 +144,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
-    from semclust.report.cli import add_report_arguments
-
-    p = sub.add_parser(
-        "report", help="static HTML review report: cluster galleries, 2-D map, failures"
-    )
-    add_report_arguments(p)
-
     p = sub.add_parser(
         "unlock", help="remove a run directory's lock (only when the run holding it is gone)"
     )
@@ -288,7 +157,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-cpus", type=int, help="CPUs for the local Ray (default: all)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    return parser
 
 
 def config_from_args(args: argparse.Namespace) -> Any:
@@ -311,10 +179,6 @@ def config_from_args(args: argparse.Namespace) -> Any:
     cfg = load_config(args.config, overrides)
     if not cfg.run_dir:
         raise ValueError("no run directory given: pass --run-dir (or set run_dir in the config)")
-    from semclust import storage
-
-    # Before any storage call: the workers get these options with their tasks.
-    storage.configure_s3(storage.s3_options_from_config(cfg.storage))
     return cfg
 
 
@@ -344,34 +208,26 @@ def _print_hits(queries: list[str], results: list[list[Any]], as_json: bool) -> 
             print(f"  {h.rank:>4}  {h.similarity:>10.4f}  {h.uri}")
 
 
-def _print_stage_summary(records: dict[str, dict[str, Any]]) -> None:
-    print(f"{'stage':<8} {'seconds':>8}  summary")
-    for stage, rec in records.items():
-        if stage == "embed":
-            detail = (
-                f"listed {rec['listed']}, embedded {rec['embedded']}, failed {rec['failed']}, "
-                f"{rec['images_per_second'] or '-'} img/s"
-            )
-        elif stage == "cluster":
-            detail = f"k={rec['k']}, sizes {rec['cluster_sizes']}"
-        elif stage == "graph":
-            detail = f"k={rec['k']} {rec['method']}, {rec['rows']} rows"
-            if rec.get("recall"):
-                detail += f", recall@k {rec['recall']['recall_at_k']}"
-            if rec.get("duplicates"):
-                detail += f", {rec['duplicates']['groups']} duplicate groups"
-        else:
-            detail = f"{rec.get('factory', rec['type'])} {rec['metric']}, {rec['count']} vectors"
-            if rec.get("recall_at_10") is not None:
-                detail += f", recall@10 {rec['recall_at_10']}"
-        print(f"{stage:<8} {rec['seconds']:>8.1f}  {detail}")
+def print_records(records: dict[str, dict[str, Any]], *, details: bool = True) -> None:
+    """One line per stage (its ``summary``), then any detail lines the stage gives."""
+    from semclust import stages
+
+    for name, record in records.items():
+        stage = stages.by_name(name)
+        summary = stage.summary(record)
+        shown = name.replace("_", " ")
+        head = summary if summary.startswith(stage.command) else f"{shown}: {summary}"
+        print(f"{head} ({record.get('seconds', 0):.1f} s)")
+        more = getattr(stage.implementation(), "details", None) if details else None
+        for line in more(record) if more else []:
+            print(f"  {line}")
 
 
 def _print_demo(summary: dict[str, Any]) -> None:
     embed = summary["stages"]["embed"]
     print(f"demo images: {summary['images_dir']} ({summary['classes']} classes)")
     print(f"run directory: {summary['run_dir']}")
-    _print_stage_summary(summary["stages"])
+    print_records(summary["stages"], details=False)
     sizes = ", ".join(f"{c}:{n}" for c, n in summary["cluster_sizes"].items())
     print(f"cluster sizes: {sizes}")
     m = summary["metrics"]
@@ -382,6 +238,7 @@ def _print_demo(summary: dict[str, Any]) -> None:
     print(f"search for {summary['query']}:")
     for h in summary["hits"]:
         print(f"  {h['rank']:>2}  {h['similarity']:.4f}  {h['uri']}")
+    print(f"report: {summary['stages']['report']['uri']}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -437,10 +294,10 @@ def explain(exc: BaseException) -> tuple[int, str]:
     import errno
 
     from semclust import storage
-    from semclust.errors import SemclustError
+    from semclust.errors import SemclustError, remote_cause
     from semclust.retry import is_transient
 
-    exc = _remote_cause(exc)
+    exc = remote_cause(exc)
     text = storage.redact(str(exc)) or type(exc).__name__
     again = "run the same command again (--mode resume) to go on"
     resume = f"committed work is kept: {again}"
@@ -464,20 +321,7 @@ def explain(exc: BaseException) -> tuple[int, str]:
     return 1, f"{type(exc).__name__}: {text} (a bug in semclust: run with -v and report it)"
 
 
-def _remote_cause(exc: BaseException) -> BaseException:
-    """The user's error inside Ray's wrappers (a task's or actor's error carries it as .cause)."""
-    seen = 0
-    while type(exc).__module__.startswith("ray.") and seen < 5:
-        cause = getattr(exc, "cause", None)
-        if not isinstance(cause, BaseException):
-            break
-        exc, seen = cause, seen + 1
-    return exc
-
-
 def _dispatch(args: argparse.Namespace) -> int:
-    from semclust import runner
-
     if args.command == "demo" or (
         args.command == "run" and not args.run_dir and not _has_input(args)
     ):
@@ -517,11 +361,6 @@ def _dispatch(args: argparse.Namespace) -> int:
         queries = images + [f"image_id:{i}" for i in args.image_id]
         _print_hits(queries, results, args.json)
         return 0
-    if args.command == "report":
-        from semclust.report.cli import run_report_command
-
-        with runner.holding_run_dir(args.run_dir or "", "semclust report", must_exist=True):
-            return run_report_command(args)
     if args.command == "compare":
         from semclust.compare import run_compare_command
 
@@ -532,34 +371,24 @@ def _dispatch(args: argparse.Namespace) -> int:
         holder = break_lock(args.run_dir)
         print(f"removed the lock of {args.run_dir}: {holder}" if holder else "no lock held")
         return 0
+    return _run_stage_command(args)
+
+
+def _run_stage_command(args: argparse.Namespace) -> int:
+    """``semclust run`` and every stage's subcommand: the stages under the contract."""
+    from semclust import runner, stages
+
     cfg = config_from_args(args)
-    command = "semclust " + args.command
-    if args.command in ("evaluate", "refine", "label"):
-        with runner.holding_run_dir(cfg.run_dir, command, must_exist=True):
-            if args.command == "evaluate":
-                from semclust.evaluate import run_evaluate_command
-
-                return run_evaluate_command(args)
-            if args.command == "refine":
-                from semclust.clustering.refine import run_refine_command
-
-                return run_refine_command(cfg)
-            from semclust.label.stage import run_label_command
-
-            return run_label_command(cfg)
-    report_uri = None
     if args.command == "run":
-        from semclust.report import build_report
-
-        with runner.holding_run_dir(cfg.run_dir, command) as lock:
-            records = runner.run_stages(cfg, runner.STAGE_ORDER, command, lock)
-            report_uri = build_report(cfg.run_dir, ray_config=cfg.ray)
+        names = list(stages.RUN)
     else:
-        records = runner.run_stages(cfg, [args.command], command)
-    _print_stage_summary(records)
+        variant = getattr(getattr(cfg, args.command, None), "method", None)
+        names = [stages.for_command(args.command, variant).name]
+    records = runner.run_stages(cfg, names, "semclust " + args.command)
+    print_records(records)
     print(f"run directory: {cfg.run_dir}")
-    if report_uri:
-        print(f"report: {report_uri}")
+    if "report" in records:
+        print(f"report: {records['report']['uri']}")
     return 0
 
 

@@ -19,7 +19,8 @@ from typing import Any
 import numpy as np
 
 from semclust import runinfo, storage
-from semclust.evaluate import HEADS, METRICS_FILE, evaluate_run
+from semclust.evaluate import HEADS
+from semclust.rundir import layout
 
 log = logging.getLogger(__name__)
 
@@ -47,9 +48,8 @@ COLUMNS: tuple[tuple[str, str], ...] = (
 
 def image_set_fingerprint(run_dir: str) -> str:
     """A hash of the sorted image ids of a run's embeddings (same images = same hash)."""
-    from semclust.embed.pipeline import EMBEDDINGS_DIR
 
-    shards = storage.list_shards(storage.join(run_dir, EMBEDDINGS_DIR))
+    shards = storage.list_shards(storage.join(run_dir, layout.EMBEDDINGS))
     if not shards:
         raise ValueError(f"no embeddings in {run_dir!r}")
     ids = np.sort(
@@ -130,10 +130,10 @@ def compare_runs(
     names = _short_names(run_dirs)
     rows: list[dict[str, Any]] = []
     for run, name in zip(run_dirs, names, strict=True):
-        uri = storage.join(run, METRICS_FILE)
+        uri = storage.join(run, layout.METRICS)
         if evaluate or not storage.exists(uri):
             log.info("compare: evaluating %s", run)
-            metrics = evaluate_run(run, truth)
+            metrics = _evaluate(run, truth)
         else:
             metrics = storage.read_json(uri)
             if truth is not None and metrics.get("truth") != truth:
@@ -207,3 +207,13 @@ def run_compare_command(args: argparse.Namespace) -> int:
     else:
         print(format_table(result["rows"]))
     return 0
+
+
+def _evaluate(run_dir: str, truth: str | None) -> dict[str, Any]:
+    """The evaluate stage on one run, under the stage contract (locked, recorded in run.json)."""
+    from semclust.config import load_config
+    from semclust.runner import run_stages
+
+    overrides = {"run_dir": run_dir, "evaluate.truth": truth or "none"}
+    run_stages(load_config(None, overrides), ["evaluate"], command="semclust compare")
+    return dict(storage.read_json(storage.join(run_dir, layout.METRICS)))

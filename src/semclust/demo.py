@@ -15,6 +15,9 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageEnhance
 
+from semclust import storage
+from semclust.rundir import layout
+
 log = logging.getLogger(__name__)
 
 # skimage/data files (shipped in the wheel, no download) and sklearn's two sample photos.
@@ -31,6 +34,8 @@ _SKIMAGE_PHOTOS = (
     "coins.png",
 )
 _SKLEARN_PHOTOS = ("china.jpg", "flower.jpg")
+# The demo scores its clusters against the photo each image was made from (its folder).
+DEMO_STAGES = ("embed", "cluster", "graph", "index", "evaluate", "report")
 
 
 def source_photos() -> dict[str, Path]:
@@ -110,9 +115,8 @@ def run_demo(
 ) -> dict[str, Any]:
     """Build the demo set, run every stage with efficientnet_lite0, score and search it."""
     from semclust.config import load_config
-    from semclust.evaluate import evaluate_run
     from semclust.index.search import SearchIndex
-    from semclust.runner import run_all
+    from semclust.runner import run_stages
 
     out = Path(out_dir).resolve()
     counts = build_demo_images(out / "images", per_class=per_class)
@@ -132,8 +136,9 @@ def run_demo(
             "graph.k": 10,
         },
     )
-    records = run_all(cfg)
-    metrics = evaluate_run(str(out / "run"))
+    # Scored before the report is built, so that the report shows the scores.
+    records = run_stages(cfg, DEMO_STAGES, command="semclust demo")
+    metrics = storage.read_json(storage.join(cfg.run_dir, layout.METRICS))
     query = make_query_image(out / "query-coffee.jpg")
     hits = SearchIndex(str(out / "run")).search_images([str(query)], k=5)[0]
     sizes = _cluster_sizes(str(out / "run"))
@@ -150,8 +155,8 @@ def run_demo(
 
 
 def _cluster_sizes(run_dir: str) -> dict[int, int]:
-    from semclust.clustering.kmeans import read_assignments
+    from semclust.rundir.embeddings import RunRows, read_clusters
 
-    clusters = read_assignments(run_dir)["cluster"].to_numpy()
+    clusters = read_clusters(run_dir, layout.ASSIGNMENTS, RunRows.load(run_dir))
     ids, n = np.unique(clusters, return_counts=True)
     return {int(i): int(c) for i, c in zip(ids, n, strict=True)}

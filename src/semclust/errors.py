@@ -34,3 +34,17 @@ class RunDirLocked(SemclustError):
     """Another run holds the run directory."""
 
     exit_code = 2
+
+
+def remote_cause(exc: BaseException) -> BaseException:
+    """The error inside Ray's wrappers (a task's or actor's error carries it as ``.cause``)."""
+    seen = 0
+    while type(exc).__module__.startswith("ray.") and seen < 5:
+        cause = getattr(exc, "cause", None)
+        if not isinstance(cause, BaseException):
+            # An actor whose __init__ raised: ActorDiedError keeps that task's error in args.
+            cause = next((a for a in exc.args if isinstance(a, BaseException)), None)
+        if cause is None:
+            break
+        exc, seen = cause, seen + 1
+    return exc

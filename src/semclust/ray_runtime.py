@@ -74,11 +74,3 @@ def use_gpu(device: str) -> bool:
     if device == "gpu" and not has:
         raise RuntimeError("device=gpu was asked for but the Ray cluster reports no GPU")
     return has
-
-
-def local_faiss_gpus() -> int:
-    """GPUs FAISS can use in this process (0 with faiss-cpu)."""
-    import faiss
-
-    get = getattr(faiss, "get_num_gpus", None)
-    return int(get()) if get is not None else 0

@@ -27,40 +27,6 @@ _VERSIONED = (
     "pillow",
 )
 
-# Folders each stage writes.
-STAGE_OUTPUTS: dict[str, tuple[str, ...]] = {
-    "embed": ("embeddings", "failures"),
-    "cluster": ("model", "assignments"),
-    "graph": ("knn", "duplicates"),
-    "index": ("index",),
-    "refine_scan": ("assignments_scan",),
-    "refine_dec": ("assignments_dec",),
-    "label": ("labels",),
-}
-
-# What each stage reads; overwriting a stage clears the outputs of every stage that depends on
-# it, directly or not (they would be stale), and nothing else.
-STAGE_INPUTS: dict[str, tuple[str, ...]] = {
-    "embed": (),
-    "cluster": ("embed",),
-    "graph": ("embed",),
-    "index": ("embed",),
-    "refine_scan": ("cluster", "graph"),
-    "refine_dec": ("cluster",),
-    "label": ("cluster", "graph", "refine_scan", "refine_dec"),
-}
-
-
-def stage_and_dependents(stage: str) -> list[str]:
-    """``stage`` and every stage that reads its outputs, directly or through another stage."""
-    if stage not in STAGE_OUTPUTS:
-        raise ValueError(f"unknown stage {stage!r}; choose one of {', '.join(STAGE_OUTPUTS)}")
-    out = [stage]
-    for name in STAGE_OUTPUTS:  # dict order is a topological order
-        if name not in out and any(dep in out for dep in STAGE_INPUTS[name]):
-            out.append(name)
-    return out
-
 
 def package_versions() -> dict[str, str]:
     versions = {"python": platform.python_version()}
@@ -81,16 +47,23 @@ def load(run_dir: str) -> dict[str, Any]:
     return storage.read_json(uri) if storage.exists(uri) else {}
 
 
-def update_stage(run_dir: str, stage: str, record: dict[str, Any], config: dict[str, Any]) -> None:
+def update_stage(
+    run_dir: str,
+    stage: str,
+    record: dict[str, Any],
+    config: dict[str, Any],
+    section: str | None = None,
+) -> None:
     """Merge one stage's record into run.json (the driver is the only writer).
 
-    Only the stage's own config section (and the top-level settings) is replaced: a later
-    ``semclust cluster`` must not overwrite the embed settings that a resume is checked against.
+    Only the stage's own config ``section`` (default: its name) and the top-level settings are
+    replaced: a later ``semclust cluster`` must not overwrite the embed settings that a resume is
+    checked against.
     """
     info = load(run_dir)
     merged = dict(info.get("config", {}))
     for key, value in config.items():
-        if key == stage or not isinstance(value, dict) or key not in merged:
+        if key == (section or stage) or not isinstance(value, dict) or key not in merged:
             merged[key] = value
     info["config"] = merged
     info["versions"] = package_versions()

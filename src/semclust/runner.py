@@ -9,37 +9,17 @@ with the error, before the lock is released.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
 from semclust import runinfo, storage
 from semclust.config import RunConfig
+from semclust.context import Held, RunContext
 from semclust.errors import UserError
+from semclust.stage import run_stage
 
 log = logging.getLogger(__name__)
-
-STAGE_ORDER = ("embed", "cluster", "graph", "index")
-
-
-def stage_function(name: str) -> Callable[[RunConfig], dict[str, Any]]:
-    if name == "embed":
-        from semclust.embed.pipeline import run_embed
-
-        return run_embed
-    if name == "cluster":
-        from semclust.clustering.kmeans import run_cluster
-
-        return run_cluster
-    if name == "graph":
-        from semclust.clustering.knn import run_graph
-
-        return run_graph
-    if name == "index":
-        from semclust.index.build import run_index
-
-        return run_index
-    raise ValueError(f"unknown stage {name!r}; choose one of {', '.join(STAGE_ORDER)}")
 
 
 def check_run_dir(run_dir: str) -> None:
@@ -101,29 +81,55 @@ class _Unlocked:
 
 
 def run_stages(
-    cfg: RunConfig, names: Sequence[str], command: str = "semclust", lock: Any = None
+    cfg: RunConfig, names: Sequence[str], command: str = "semclust", lock: Held | None = None
 ) -> dict[str, dict[str, Any]]:
-    """Run ``names`` in order on ``cfg.run_dir``; each stage's run.json record.
+    """Run the stages ``names`` in order on ``cfg.run_dir``, each under the stage contract
+    (``stage.run_stage``); each stage's run.json record.
 
-    Under ``lock`` when the caller holds the run directory already, else under its own hold.
+    Under ``lock`` when the caller holds the run directory already, else under its own hold;
+    ``cfg.storage`` applies to every storage call, on the driver and in every worker.
     """
-    storage.configure_s3(storage.s3_options_from_config(cfg.storage))
-    if lock is None:
-        reads_only = "embed" not in names
-        with holding_run_dir(cfg.run_dir or "", command, must_exist=reads_only) as held:
-            return run_stages(cfg, names, command, held)
-    records: dict[str, dict[str, Any]] = {}
-    for name in names:
-        if name == "embed":  # the stage that commits for long: it checks the lock each time
-            from semclust.embed.pipeline import run_embed
+    from semclust import stages
 
-            records[name] = run_embed(cfg, ensure_held=lock.ensure_held)
-        else:
-            lock.ensure_held()
-            records[name] = stage_function(name)(cfg)
+    chosen = [stages.by_name(name) for name in names]
+    if lock is None:
+        with storage.using(cfg.storage):
+            creates = any(stage.creates_run_dir for stage in chosen)
+            with holding_run_dir(cfg.run_dir or "", command, must_exist=not creates) as held:
+                return run_stages(cfg, names, command, held)
+    records: dict[str, dict[str, Any]] = {}
+    for stage in chosen:
+        ctx = RunContext(_for_variant(cfg, stage), command=command, lock=lock)
+        records[stage.name] = run_stage(stage, ctx, stages.dependents(stage.name))
     return records
 
 
-def run_all(cfg: RunConfig) -> dict[str, dict[str, Any]]:
-    """embed -> cluster -> graph -> index; returns each stage's run.json record."""
-    return run_stages(cfg, STAGE_ORDER, command="semclust run")
+def _for_variant(cfg: RunConfig, stage: Any) -> RunConfig:
+    """``cfg`` with the stage's variant as its section's method: ``refine_dec`` trains DEC
+    whatever ``refine.method`` says, so one call can run both heads."""
+    if stage.variant is None or getattr(cfg, stage.section).method == stage.variant:
+        return cfg
+    from semclust.config import replace
+
+    return replace(cfg, **{f"{stage.section}.method": stage.variant})
+
+
+def run(
+    config: RunConfig | str | None = None,
+    stages: Sequence[str] | None = None,
+    **overrides: Any,
+) -> dict[str, dict[str, Any]]:
+    """Run semclust from Python: ``config`` a ``RunConfig``, a YAML path or None (defaults),
+    ``overrides`` dotted config keys with ``__`` for the dot (``cluster__k=20``) or top-level
+    ones (``run_dir=...``); ``stages`` default to those of ``semclust run``. Each stage's record.
+    """
+    from semclust import stages as registry
+    from semclust.config import load_config, replace
+
+    dotted = {key.replace("__", "."): value for key, value in overrides.items()}
+    if isinstance(config, RunConfig):
+        cfg = replace(config, **dotted) if dotted else config
+    else:
+        cfg = load_config(config, dotted)
+    names = list(stages) if stages is not None else list(registry.RUN)
+    return run_stages(cfg, names, command="semclust.run")

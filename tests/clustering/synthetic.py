@@ -14,7 +14,9 @@ import numpy as np
 import pyarrow as pa
 
 from semclust import runinfo, storage
-from semclust.embed.pipeline import EmbedderSpec, embeddings_schema
+from semclust.embed.actors import EmbedderSpec
+from semclust.rundir import schemas
+from semclust.rundir.layout import EMBEDDINGS
 
 EMBEDDER = EmbedderSpec(
     backbone="efficientnet_lite0",
@@ -71,10 +73,10 @@ def write_run(
                 "width": pa.array(np.full(n, 640), pa.int32()),
                 "height": pa.array(np.full(n, 480), pa.int32()),
             },
-            schema=embeddings_schema(dim),
+            schema=schemas.embeddings(dim),
         )
         name = f"part-{part:05d}.parquet"
-        storage.write_parquet(storage.join(str(run_dir), "embeddings", name), table)
+        storage.write_parquet(storage.join(str(run_dir), EMBEDDINGS, name), table)
     if embedder is not None:
         record = {"status": "done", "embedded": len(x), "dim": dim, "embedder": asdict(embedder)}
         runinfo.update_stage(str(run_dir), "embed", record, {})

@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 
 from semclust.clustering.dec import build_dec_model, student_t, target_distribution, train_dec
-from semclust.clustering.refine import RefineConfig, prepare_keras
+from semclust.clustering.heads import prepare_keras
+from semclust.config import RefineConfig
 from semclust.evaluate import cluster_accuracy
 from tests.clustering.synthetic import planted
-from tests.label.runs import make_run
 
 prepare_keras(0, 2)
 
@@ -84,49 +81,3 @@ def test_dec_needs_at_least_k_rows():
     x = np.ones((3, 4), dtype=np.float32)
     with pytest.raises(ValueError, match="at least k rows"):
         train_dec(x, np.eye(4, dtype=np.float32), RefineConfig(method="dec"))
-
-
-@pytest.mark.slow
-def test_refine_stage_writes_dec_assignments(ray_local, tmp_path):
-    from semclust.clustering.refine import run_refine
-
-    run = tmp_path / "run"
-    x, _, _ = planted(800, 4, 16, noise=0.6, seed=4)
-    ids = make_run(run, x, 4, rows_per_part=300, knn_k=5)
-    with pytest.raises(ValueError, match="DEC starts from the k-means centroids"):
-        run_refine(str(run), RefineConfig(method="dec", k=6), num_cpus=2)
-    record = run_refine(str(run), RefineConfig(method="dec", dec_max_epochs=5), num_cpus=2)
-    assert record["output"] == "assignments_dec" and record["k"] == 4
-    table = pq.read_table(run / "assignments_dec")
-    assert sorted(table["image_id"].to_pylist()) == sorted(ids.tolist())
-    assert len(list((run / "assignments_dec").iterdir())) == 3
-    # DEC starts from the k-means centroids: cluster numbers keep their meaning.
-    kmeans = pq.read_table(run / "assignments").to_pydict()
-    dec = dict(zip(table["image_id"].to_pylist(), table["cluster"].to_pylist(), strict=True))
-    agree = np.mean(
-        [dec[i] == c for i, c in zip(kmeans["image_id"], kmeans["cluster"], strict=True)]
-    )
-    assert agree > 0.9
-    info = json.loads((run / "run.json").read_text())["stages"]["refine_dec"]
-    assert info["status"] == "done" and info["loss_curve"]["dec"][0]["update"] == 0
-
-
-@pytest.mark.slow
-def test_refine_command_and_overwrite_of_its_inputs(ray_local, tmp_path, capsys):
-    """`semclust refine` through the CLI; overwriting the clusters removes the head's now stale
-    assignments but keeps the kNN graph, which does not read the clusters."""
-    from semclust.cli import main
-
-    run = tmp_path / "run"
-    x, _, _ = planted(600, 3, 12, noise=0.5, seed=8)
-    make_run(run, x, 3, rows_per_part=300, knn_k=5)
-    argv = ["refine", "--run-dir", str(run), "--method", "dec", "--dec-max-epochs", "2"]
-    assert main(argv) == 0
-    assert "refine dec: k=3, 600 rows -> assignments_dec/" in capsys.readouterr().out
-    assert len(list((run / "assignments_dec").iterdir())) == 2
-    assert main(["refine", "--run-dir", str(run), "--method", "scan", "--heads", "0"]) == 2
-    assert "refine.heads must be > 0" in capsys.readouterr().err
-    assert main(["cluster", "--run-dir", str(run), "--k", "3", "--mode", "overwrite"]) == 0
-    assert not (run / "assignments_dec").exists()
-    assert len(list((run / "knn").iterdir())) == 2
-    assert len(list((run / "assignments").iterdir())) == 2

@@ -8,10 +8,10 @@ import pyarrow.parquet as pq
 import pytest
 from sklearn.metrics import adjusted_rand_score
 
-from semclust.clustering.kmeans import CentroidAssigner, KMeansModel, run_cluster
-from semclust.clustering.knn import run_graph
+from semclust import runner
+from semclust.clustering.kmeans import CentroidAssigner
+from semclust.clustering.model import KMeansModel
 from semclust.config import load_config
-from semclust.index.build import run_index
 from semclust.index.search import SearchIndex
 from tests.clustering.synthetic import brute_force_knn, planted, write_run
 
@@ -30,10 +30,14 @@ def _cfg(run_dir, **overrides):
     return load_config(None, {"run_dir": str(run_dir), "mode": "overwrite", **overrides})
 
 
+def _run(stage: str, cfg) -> dict:
+    return runner.run_stages(cfg, [stage])[stage]
+
+
 def test_kmeans_on_gpu_recovers_the_plant_and_matches_cpu_assignment(ray_local, tmp_path):
     x, labels, _ = planted(100_000, 50, 64, noise=0.3, seed=1)
     ids = write_run(tmp_path, x, rows_per_part=25_000)
-    record = run_cluster(_cfg(tmp_path, **{"cluster.k": 50, "cluster.device": "gpu"}))
+    record = _run("cluster", _cfg(tmp_path, **{"cluster.k": 50, "cluster.device": "gpu"}))
     assert record["device"] == "gpu" and record["gpus"] >= 1
     table = pq.read_table(tmp_path / "assignments")
     columns = table.to_pydict()
@@ -50,7 +54,7 @@ def test_exact_graph_on_gpu(ray_local, tmp_path, fp16):
     x, _, _ = planted(20_000, 40, 64, noise=0.7, seed=2)
     ids = write_run(tmp_path, x, rows_per_part=10_000)
     overrides = {"graph.method": "exact", "graph.device": "gpu", "graph.fp16": fp16}
-    record = run_graph(_cfg(tmp_path, **overrides))
+    record = _run("graph", _cfg(tmp_path, **overrides))
     assert record["device"] == "gpu"
     table = pq.read_table(tmp_path / "knn")
     row_of = {int(i): r for r, i in enumerate(ids)}
@@ -67,7 +71,7 @@ def test_ivf_index_searched_on_gpu(ray_local, tmp_path):
     x, _, _ = planted(50_000, 100, 64, noise=0.6, seed=3)
     write_run(tmp_path, x, rows_per_part=25_000)
     overrides = {"index.type": "ivf_flat", "index.device": "gpu", "index.recall_sample": 300}
-    record = run_index(_cfg(tmp_path, **overrides))
+    record = _run("index", _cfg(tmp_path, **overrides))
     assert record["build"]["gpus"] >= 1 and record["recall_at_10"] >= 0.9
     index = SearchIndex(str(tmp_path), device="gpu")
     hits = index.search_vectors(x[:5], 3)

@@ -1,145 +1,49 @@
-"""The cluster stage on seeded synthetic embeddings: planted clusters, Ray vs one process,
-PCA/whitening, k=auto, two-level k-means, resume, and bad input."""
+"""k-means on arrays: restarts, the two-level variant, the allocation of centroids over coarse
+clusters, and the nearest-centroid search, on seeded planted clusters."""
 
 from __future__ import annotations
 
-import json
-import shutil
-
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 from sklearn.metrics import adjusted_rand_score
 
-from semclust.cli import main
 from semclust.clustering.kmeans import (
     CentroidAssigner,
-    KMeansModel,
-    _allocate,
-    elbow,
-    greedy_kmeanspp,
-    k_candidates,
-    read_assignments,
-    run_cluster,
+    allocate,
+    assign,
+    faiss_kmeans,
     train_kmeans,
+    two_level_kmeans,
 )
-from semclust.config import ClusterConfig, load_config
-from tests.clustering.synthetic import planted, write_run
-
-N, K, DIM = 200_000, 20, 32
-
-
-def _cfg(run_dir, **overrides):
-    return load_config(None, {"run_dir": str(run_dir), **overrides})
+from semclust.clustering.model import KMeansModel, save_summary
+from semclust.config import ClusterConfig
+from tests.clustering.synthetic import planted
 
 
-def _labels_by_id(run_dir, ids: np.ndarray) -> dict[str, np.ndarray]:
-    """Assignment columns in the order of ``ids``."""
-    table = read_assignments(str(run_dir))
-    row_of = {int(i): r for r, i in enumerate(table["image_id"].to_pylist())}
-    order = np.array([row_of[int(i)] for i in ids])
-    return {c: table[c].to_numpy()[order] for c in table.column_names}
+def _objective(x: np.ndarray, centroids: np.ndarray) -> float:
+    d = ((x[:, None, :] - centroids[None]) ** 2).sum(-1)
+    return float(d.min(axis=1).sum())
 
 
-@pytest.fixture(scope="module")
-def clustered(ray_local, tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("kmeans") / "run"
-    x, labels, _ = planted(N, K, DIM, noise=0.3, seed=11)
-    ids = write_run(run_dir, x, rows_per_part=25_000)
-    record = run_cluster(_cfg(run_dir, **{"cluster.k": K}))
-    return run_dir, x, labels, ids, record
+def test_restarts_keep_the_lowest_objective():
+    x, _, _ = planted(3_000, 8, 16, noise=0.9, seed=4)
+    common = {"niter": 10, "spherical": False, "init": "kmeans++", "seed": 5}
+    runs = [faiss_kmeans(x, 8, nredo=1, **{**common, "seed": 5 + r}) for r in range(4)]
+    best = faiss_kmeans(x, 8, nredo=4, **common)
+    objectives = [_objective(x, c) for c in runs]
+    # Restart r is the single run with seed + r: the kept one is the best of those four.
+    assert _objective(x, best) == pytest.approx(min(objectives), rel=1e-5)
+    np.testing.assert_allclose(best, runs[int(np.argmin(objectives))], atol=1e-6)
+    with pytest.raises(ValueError, match="cannot make 9 clusters of 8 rows"):
+        faiss_kmeans(x[:8], 9, nredo=1, **common)
 
 
-def test_kmeans_recovers_the_planted_clusters(clustered):
-    run_dir, x, labels, ids, record = clustered
-    got = _labels_by_id(run_dir, ids)
-    assert adjusted_rand_score(labels, got["cluster"]) > 0.97
-    assert record["status"] == "done" and record["k"] == K and record["rows"] == N
-    # Trained on a sample of max_points_per_centroid * k rows, not on all of them.
-    assert record["trained_on"] == 256 * K
-    assert record["cluster_sizes"]["empty"] == 0
-    names = sorted(p.name for p in (run_dir / "assignments").iterdir())
-    assert names == sorted(p.name for p in (run_dir / "embeddings").iterdir())
-    schema = pq.read_schema(run_dir / "assignments" / names[0])
-    assert [str(schema.field(c).type) for c in schema.names] == [
-        "int64",
-        "int32",
-        "float",
-        "int32",
-        "float",
-    ]
-    assert (got["cluster"] != got["cluster_2nd"]).all()
-    assert (got["distance"] <= got["distance_2nd"] + 1e-6).all()
-    # Spherical: the distance is the squared L2 between unit vectors, 2 - 2 cos.
-    centroids = np.load(run_dir / "model" / "centroids.npy")
-    xn = x[:100] / np.linalg.norm(x[:100], axis=1, keepdims=True)
-    cos = (xn * centroids[got["cluster"][:100]]).sum(axis=1)
-    np.testing.assert_allclose(got["distance"][:100], 2 - 2 * cos, atol=1e-4)
-    summary = json.loads((run_dir / "model" / "kmeans.json").read_text())
-    assert summary["k"] == K and summary["objective"] > 0 and not summary["pca"]
-    info = json.loads((run_dir / "run.json").read_text())["stages"]["cluster"]
-    assert info["status"] == "done" and info["rows"] == N
-
-
-def test_assignment_through_ray_equals_one_process(clustered):
-    run_dir, x, _, ids, _ = clustered
-    model, _ = KMeansModel.load(str(run_dir))
-    labels, dist = CentroidAssigner(model).assign(x)
-    got = _labels_by_id(run_dir, ids)
-    np.testing.assert_array_equal(got["cluster"], labels[:, 0])
-    np.testing.assert_array_equal(got["cluster_2nd"], labels[:, 1])
-    np.testing.assert_allclose(got["distance"], dist[:, 0], atol=1e-6)
-    np.testing.assert_allclose(got["distance_2nd"], dist[:, 1], atol=1e-6)
-
-
-def test_resume_keeps_the_model_and_redoes_only_missing_shards(clustered, tmp_path):
-    run_dir, _, _, ids, _ = clustered
-    work = tmp_path / "run"
-    shutil.copytree(run_dir, work)
-    before = _labels_by_id(work, ids)
-    centroids = (work / "model" / "centroids.npy").read_bytes()
-    (work / "assignments" / "part-00003.parquet").unlink()
-    record = run_cluster(_cfg(work, **{"cluster.k": K}))
-    assert record["assigned_this_run"] == 25_000
-    assert (work / "model" / "centroids.npy").read_bytes() == centroids
-    after = _labels_by_id(work, ids)
-    np.testing.assert_array_equal(after["cluster"], before["cluster"])
-    # Other settings: a new model, and every shard assigned again.
-    record = run_cluster(_cfg(work, **{"cluster.k": K + 1}))
-    assert record["k"] == K + 1 and record["assigned_this_run"] == N
-    assert np.load(work / "model" / "centroids.npy").shape == (K + 1, DIM)
-
-
-def test_pca_whitening_learned_on_the_sample_and_applied_in_the_actors(ray_local, tmp_path):
-    x, labels, _ = planted(20_000, 8, 64, noise=0.4, seed=5)
-    ids = write_run(tmp_path, x, rows_per_part=5_000)
-    overrides = {"cluster.k": 8, "cluster.pca_dim": 12, "cluster.whiten": True}
-    record = run_cluster(_cfg(tmp_path, **overrides))
-    assert record["pca"] and record["whiten"] and record["model_dim"] == 12
-    assert np.load(tmp_path / "model" / "centroids.npy").shape == (8, 12)
-    assert (tmp_path / "model" / "pca.npz").is_file()
-    got = _labels_by_id(tmp_path, ids)
-    assert adjusted_rand_score(labels, got["cluster"]) > 0.95
-    model, _ = KMeansModel.load(str(tmp_path))
-    projected = model.transform.apply(x)
-    assert projected.shape == (len(x), 12)
-    np.testing.assert_allclose(np.linalg.norm(projected, axis=1), 1.0, rtol=1e-5)
-    np.testing.assert_array_equal(CentroidAssigner(model).assign(x)[0][:, 0], got["cluster"])
-
-
-def test_k_auto_finds_the_planted_k(ray_local, tmp_path, capsys):
-    x, _, _ = planted(20_000, 7, 32, noise=0.5, seed=2)
-    write_run(tmp_path, x, rows_per_part=10_000)
-    code = main(["cluster", "--run-dir", str(tmp_path), "--k", "auto", "--k-max", "12"])
-    assert code == 0, capsys.readouterr().err
-    table = json.loads((tmp_path / "model" / "k_selection.json").read_text())
-    assert table["chosen_k"] == 7
-    assert [row["k"] for row in table["candidates"]] == list(range(2, 13))
-    best = max(table["candidates"], key=lambda r: r["silhouette"])
-    assert best["k"] == 7 and best["silhouette"] > 0.3
-    info = json.loads((tmp_path / "run.json").read_text())["stages"]["cluster"]
-    assert info["k"] == 7 and info["k_selection"]["chosen_k"] == 7
-    assert np.load(tmp_path / "model" / "centroids.npy").shape == (7, 32)
+@pytest.mark.parametrize("init", ["kmeans++", "random"])
+def test_both_seeders_recover_well_separated_clusters(init):
+    x, labels, _ = planted(4_000, 5, 16, noise=0.2, seed=6)
+    centroids = faiss_kmeans(x, 5, niter=20, nredo=3, spherical=True, init=init, seed=0)
+    got = assign(x, centroids, spherical=True)[0][:, 0]
+    assert adjusted_rand_score(labels, got) > 0.99
 
 
 def test_two_level_kmeans_for_many_clusters(tmp_path):
@@ -156,50 +60,38 @@ def test_two_level_kmeans_for_many_clusters(tmp_path):
     assert (got == flat).mean() > 0.98  # the coarse shortcut rarely changes the answer
     # Saved and loaded, the model keeps its coarse level (the actors load it so).
     model.save(str(tmp_path))
-    (tmp_path / "model" / "kmeans.json").write_text(json.dumps(summary))
+    save_summary(str(tmp_path), summary)
     loaded, _ = KMeansModel.load(str(tmp_path))
     again = CentroidAssigner(loaded, nprobe=4).assign(x[:500])[0][:, 0]
     np.testing.assert_array_equal(again, got[:500])
 
 
-def test_greedy_seeding_and_allocation_helpers():
-    x, _, centres = planted(5_000, 6, 16, noise=0.2, seed=3)
-    seeds = greedy_kmeanspp(x, 6, seed=0)
-    # One seed per planted cluster: each centre's nearest seed is a different one.
-    nearest = np.argmin(((centres[:, None] - seeds[None]) ** 2).sum(-1), axis=1)
-    assert len(set(nearest.tolist())) == 6
-    alloc = _allocate(10, np.array([5, 0, 100, 3]))
+def test_two_level_parents_and_sizes():
+    x, _, _ = planted(8_000, 40, 16, noise=0.3, seed=8)
+    options = {"niter": 10, "nredo": 1, "spherical": True, "init": "kmeans++", "seed": 1}
+    centroids, coarse, parents = two_level_kmeans(x, 36, **options)
+    assert centroids.shape == (36, 16) and coarse.shape == (6, 16)  # sqrt(36) coarse clusters
+    assert parents.dtype == np.int32 and set(parents.tolist()) <= set(range(6))
+    # Each fine centroid lies nearer its own coarse centroid than most others do.
+    d = ((centroids[:, None] - coarse[None]) ** 2).sum(-1)
+    assert (np.argmin(d, axis=1) == parents).mean() > 0.9
+    np.testing.assert_allclose(np.linalg.norm(centroids, axis=1), 1.0, rtol=1e-4)
+
+
+def test_allocation_over_coarse_clusters():
+    alloc = allocate(10, np.array([5, 0, 100, 3]))
     assert alloc.sum() == 10 and alloc[1] == 0 and (alloc <= [5, 0, 100, 3]).all()
     assert alloc[2] == alloc.max()
-    assert k_candidates(2, 12, 16, 1000) == list(range(2, 13))
-    many = k_candidates(2, 1000, 8, 100_000)
-    assert len(many) == 8 and many[0] == 2 and many[-1] == 1000
-    assert elbow([2, 3, 4, 5, 6], [100.0, 50.0, 10.0, 9.0, 8.5]) == 4
+    # Proportional with at least one each: 1:1:2 of 8 rows each is 2, 2, 4 of 8 centroids.
+    assert allocate(8, np.array([8, 8, 16])).tolist() == [2, 2, 4]
+    # Never more centroids than rows: a tiny cluster is capped and the rest go elsewhere.
+    assert allocate(6, np.array([1, 50])).tolist() == [1, 5]
 
 
-@pytest.mark.parametrize(
-    ("poison", "message"),
-    [("nan", "contain NaN or inf"), ("zero", "are all zeros")],
-)
-def test_bad_vectors_stop_before_a_model_is_written(ray_local, tmp_path, poison, message):
-    x, _, _ = planted(600, 3, 16, noise=0.3, seed=1)
-    x[17] = np.nan if poison == "nan" else 0.0
-    write_run(tmp_path, x, rows_per_part=300)
-    with pytest.raises(ValueError, match=message):
-        run_cluster(_cfg(tmp_path, **{"cluster.k": 3}))
-    assert not (tmp_path / "model" / "kmeans.json").exists()
-    info = json.loads((tmp_path / "run.json").read_text())["stages"]["cluster"]
-    assert info["status"] == "failed" and message in info["error"]
-
-
-def test_mixed_dimensions_and_k_over_n_stop_with_a_message(ray_local, tmp_path):
-    x16, _, _ = planted(100, 2, 16, noise=0.3, seed=1)
-    x32, _, _ = planted(100, 2, 32, noise=0.3, seed=1)
-    write_run(tmp_path / "mixed", x16, rows_per_part=100)
-    write_run(tmp_path / "mixed", x32, rows_per_part=100, first_part=1, prefix="other")
-    with pytest.raises(ValueError, match="mixed dimensions: 16"):
-        run_cluster(_cfg(tmp_path / "mixed", **{"cluster.k": 2}))
-    write_run(tmp_path / "small", x16, rows_per_part=100)
-    with pytest.raises(ValueError, match=r"cluster\.k=500 is larger than the 100 embedded images"):
-        run_cluster(_cfg(tmp_path / "small", **{"cluster.k": 500}))
-    assert not (tmp_path / "small" / "model").exists()
+def test_assigner_returns_the_two_nearest_in_order():
+    centroids = np.array([[1, 0], [0, 1], [-1, 0]], dtype=np.float32)
+    x = np.array([[2, 0.1], [0.1, 3], [-1, -0.2]], dtype=np.float32)
+    labels, dist = assign(x, centroids, spherical=False)
+    assert labels.tolist() == [[0, 1], [1, 0], [2, 1]]
+    np.testing.assert_allclose(dist[:, 0], [1.01, 4.01, 0.04], rtol=1e-5)
+    assert (dist[:, 0] <= dist[:, 1]).all()

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 
-from semclust.clustering.refine import RefineConfig, match_to, prepare_keras, top_two
+from semclust.clustering.heads import prepare_keras
 from semclust.clustering.scan import confident_targets, pair_batches, scan_loss, train_scan
+from semclust.config import RefineConfig
 from semclust.evaluate import cluster_accuracy
-from tests.label.runs import elongated_clusters, exact_knn, make_run
+from tests.label.runs import exact_knn
 
 prepare_keras(0, 2)
 
@@ -60,17 +58,6 @@ def test_confident_targets_balance_classes():
     assert rows.tolist() == [0, 1, 2, 3] and labels.tolist() == [0, 0, 0, 1]
     # Both clusters weigh the same in total: 3 x w0 == 1 x w1.
     assert 3 * weights[0] == pytest.approx(weights[1])
-
-
-def test_top_two_and_renumbering():
-    probs = np.array([[0.1, 0.7, 0.2], [0.5, 0.2, 0.3]])
-    labels, dist = top_two(probs)
-    assert labels.tolist() == [[1, 2], [0, 2]]
-    np.testing.assert_allclose(dist, [[0.3, 0.8], [0.5, 0.7]], rtol=1e-6)
-    reference = np.array([0, 0, 1, 1, 2, 2, -1])
-    pred = np.array([2, 2, 0, 0, 1, 1, 1])
-    mapping = match_to(reference, pred, 3)
-    assert mapping[pred[:6]].tolist() == reference[:6].tolist()
 
 
 @pytest.fixture(scope="module")
@@ -149,58 +136,3 @@ def test_config_is_validated():
         RefineConfig(confidence_threshold=1.0)
     with pytest.raises(ValueError, match=r"refine.k must be >= 2"):
         RefineConfig(k=1)
-
-
-@pytest.mark.slow
-def test_refine_stage_writes_scan_assignments_next_to_kmeans(ray_local, tmp_path):
-    from semclust.clustering.refine import run_refine
-
-    run = tmp_path / "run"
-    x, labels = elongated_clusters(900, 4, 16, 1.5, 0.1, seed=2)
-    ids = make_run(run, x, 4, rows_per_part=400, knn_k=10, neighbour_noise=0.1)
-    kmeans_before = {p.name: p.read_bytes() for p in (run / "assignments").iterdir()}
-    rc = RefineConfig(
-        method="scan", epochs=8, batch_size=128, hidden=32, heads=2, self_label_epochs=1
-    )
-    record = run_refine(str(run), rc, num_cpus=2)
-
-    assert record["status"] == "done" and record["output"] == "assignments_scan"
-    assert {p.name: p.read_bytes() for p in (run / "assignments").iterdir()} == kmeans_before
-    names = sorted(p.name for p in (run / "assignments_scan").iterdir())
-    assert names == ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
-    table = pq.read_table(run / "assignments_scan")
-    assert table.schema == pq.read_table(run / "assignments").schema
-    assert sorted(table["image_id"].to_pylist()) == sorted(ids.tolist())
-    dist = table["distance"].to_numpy()
-    assert ((dist >= 0) & (dist <= 1)).all()
-    assert (dist <= table["distance_2nd"].to_numpy()).all()
-    assert (table["cluster"].to_numpy() != table["cluster_2nd"].to_numpy()).all()
-    # Renumbered to agree with k-means where they overlap most.
-    assert record["agreement_with_kmeans"] > 0.5
-
-    info = json.loads((run / "run.json").read_text())
-    stage = info["stages"]["refine_scan"]
-    assert stage["k"] == 4 and len(stage["loss_curve"]["scan"]) == 8
-    assert info["config"]["refine_scan"]["epochs"] == 8
-    # Same settings again: resume keeps the result and trains nothing.
-    again = run_refine(str(run), rc, num_cpus=2)
-    assert again["seconds"] == record["seconds"]
-    assert labels.shape == (900,)
-
-
-def test_refine_flags_map_to_the_config(tmp_path):
-    from semclust.cli import build_parser, config_from_args
-
-    def parse(*flags: str) -> RefineConfig:
-        args = build_parser().parse_args(["refine", "--run-dir", str(tmp_path), *flags])
-        return config_from_args(args).refine
-
-    assert parse("--method", "dec", "--dec-tolerance", "0.01") == RefineConfig(
-        method="dec", dec_tolerance=0.01
-    )
-    assert parse() == RefineConfig()
-    assert parse("--k", "7", "--epochs", "3", "--seed", "5") == RefineConfig(k=7, epochs=3, seed=5)
-    with pytest.raises(ValueError, match="confidence_threshold must be in"):
-        parse("--confidence-threshold", "2")
-    with pytest.raises(ValueError, match=r"refine\.method='kmeans' is not allowed"):
-        parse("--method", "kmeans")

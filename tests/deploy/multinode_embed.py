@@ -21,6 +21,7 @@ import threading
 import time
 import traceback
 from pathlib import Path
+from typing import Any
 
 WORKER = {"num_cpus": 1, "resources": {"gpu_node": 1}, "object_store_memory": 150 * 2**20}
 
@@ -36,14 +37,101 @@ def _embed_actor_nodes() -> dict[str, str]:
     return out
 
 
+def _config(images: str, run_dir: str) -> Any:
+    from semclust.config import load_config
+
+    return load_config(
+        None,
+        {
+            "run_dir": run_dir,
+            "embed.input": images,
+            "embed.backbone": "efficientnet_lite0",
+            "embed.weights": "default",
+            "embed.num_actors": 2,
+            "embed.max_actors": 2,
+            "embed.actor_num_cpus": 0.5,
+            "embed.decode_num_cpus": 0.5,
+            "embed.batch_size": 5,
+            "embed.decode_batch_size": 5,
+            "embed.rows_per_part": 5,
+        },
+    )
+
+
+def _embed_with_a_retry(cfg: Any, report: dict, finished: threading.Event) -> None:
+    """The stage, and once more (``mode: resume``) if it fails, as a KubeRay retry would."""
+    from semclust import runner
+
+    try:
+        for _ in range(2):
+            start = time.monotonic()
+            try:
+                record = runner.run_stages(cfg, ["embed"])["embed"]
+                report["attempts"].append(
+                    {"ok": True, "seconds": round(time.monotonic() - start, 1), **record}
+                )
+                return
+            except Exception as exc:
+                traceback.print_exc()
+                report["attempts"].append(
+                    {
+                        "ok": False,
+                        "seconds": round(time.monotonic() - start, 1),
+                        "error": f"{type(exc).__name__}: {exc}"[:2000],
+                    }
+                )
+    finally:
+        finished.set()
+
+
+def _remove_a_worker_midway(
+    cluster: Any, workers: list, run_dir: str, finished: threading.Event, report: dict
+) -> None:
+    """Once a part is committed and model actors run on both workers, remove one worker node
+    without warning and add a fresh one (as KubeRay or the autoscaler replace a lost node)."""
+    from semclust import storage
+
+    worker_ids = {w.node_id for w in workers}
+    seen_nodes: set[str] = set()
+    removed = False
+    deadline = time.monotonic() + 600
+    while not finished.is_set() and time.monotonic() < deadline:
+        try:
+            seen_nodes.update(_embed_actor_nodes().values())
+            committed = len(storage.list_shards(storage.join(run_dir, "embeddings")))
+        except Exception:  # the GCS or storage busy: look again
+            committed = 0
+        if not removed and committed >= 1 and worker_ids <= seen_nodes:
+            victim = workers[1]
+            report["removed_node"] = victim.node_id
+            report["parts_committed_before_removal"] = committed
+            cluster.remove_node(victim, allow_graceful=False)
+            cluster.add_node(**WORKER)  # the replacement pod
+            removed = True
+        time.sleep(0.2)
+    report["removed"] = removed
+    report["actor_nodes_seen"] = sorted(seen_nodes)
+
+
+def _count_rows(images: str, run_dir: str, report: dict) -> None:
+    from semclust import storage
+    from semclust.embed.sources import list_inputs
+    from semclust.embed.writer import count_outputs
+
+    listed = {storage.image_id_for(u) for u in list_inputs(images).uris}
+    report["counts"] = {"listed": len(listed), **count_outputs(run_dir, listed)}
+    uris = []
+    for folder in ("embeddings", "failures"):
+        for shard in storage.list_shards(storage.join(run_dir, folder)):
+            uris += storage.read_parquet(shard, ["uri"])["uri"].to_pylist()
+    report["rows"] = len(uris)
+    report["distinct_uris"] = len(set(uris))
+
+
 def main(images: str, run_dir: str, report_path: str) -> int:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray
     from ray.cluster_utils import Cluster
-
-    from semclust import storage
-    from semclust.config import load_config
-    from semclust.embed.pipeline import count_outputs, list_inputs, run_embed
 
     report: dict = {"attempts": []}
     cluster = Cluster(
@@ -54,80 +142,18 @@ def main(images: str, run_dir: str, report_path: str) -> int:
         workers = [cluster.add_node(**WORKER) for _ in range(2)]
         cluster.wait_for_nodes()
         ray.init(address=cluster.address, log_to_driver=False)
-        worker_ids = {w.node_id for w in workers}
-        report["worker_nodes"] = sorted(worker_ids)
-        cfg = load_config(
-            None,
-            {
-                "run_dir": run_dir,
-                "embed.input": images,
-                "embed.backbone": "efficientnet_lite0",
-                "embed.weights": "default",
-                "embed.num_actors": 2,
-                "embed.max_actors": 2,
-                "embed.actor_num_cpus": 0.5,
-                "embed.decode_num_cpus": 0.5,
-                "embed.batch_size": 5,
-                "embed.decode_batch_size": 5,
-                "embed.rows_per_part": 5,
-            },
-        )
-        seen_nodes: set[str] = set()
+        report["worker_nodes"] = sorted(w.node_id for w in workers)
         finished = threading.Event()
-
-        def embed_with_a_retry() -> None:
-            # The stage runs in a thread: Ray only adds nodes from the main thread.
-            try:
-                for _ in range(2):
-                    start = time.monotonic()
-                    try:
-                        record = run_embed(cfg)
-                        report["attempts"].append(
-                            {"ok": True, "seconds": round(time.monotonic() - start, 1), **record}
-                        )
-                        return
-                    except Exception as exc:
-                        traceback.print_exc()
-                        report["attempts"].append(
-                            {
-                                "ok": False,
-                                "seconds": round(time.monotonic() - start, 1),
-                                "error": f"{type(exc).__name__}: {exc}"[:2000],
-                            }
-                        )
-            finally:
-                finished.set()
-
-        stage = threading.Thread(target=embed_with_a_retry, daemon=True)
+        # The stage runs in a thread: Ray only adds nodes from the main thread.
+        stage = threading.Thread(
+            target=_embed_with_a_retry,
+            args=(_config(images, run_dir), report, finished),
+            daemon=True,
+        )
         stage.start()
-        removed = False
-        deadline = time.monotonic() + 600
-        while not finished.is_set() and time.monotonic() < deadline:
-            try:
-                seen_nodes.update(_embed_actor_nodes().values())
-                committed = len(storage.list_shards(storage.join(run_dir, "embeddings")))
-            except Exception:  # the GCS or storage busy: look again
-                committed = 0
-            if not removed and committed >= 1 and worker_ids <= seen_nodes:
-                victim = workers[1]
-                report["removed_node"] = victim.node_id
-                report["parts_committed_before_removal"] = committed
-                cluster.remove_node(victim, allow_graceful=False)
-                cluster.add_node(**WORKER)  # the replacement pod
-                removed = True
-            time.sleep(0.2)
+        _remove_a_worker_midway(cluster, workers, run_dir, finished, report)
         stage.join(timeout=60)
-        report["removed"] = removed
-        report["actor_nodes_seen"] = sorted(seen_nodes)
-        listed = {storage.image_id_for(u) for u in list_inputs(images).uris}
-        report["counts"] = {"listed": len(listed), **count_outputs(run_dir, listed)}
-        uris = []
-        for shard in storage.list_shards(storage.join(run_dir, "embeddings")):
-            uris += storage.read_parquet(shard, ["uri"])["uri"].to_pylist()
-        for shard in storage.list_shards(storage.join(run_dir, "failures")):
-            uris += storage.read_parquet(shard, ["uri"])["uri"].to_pylist()
-        report["rows"] = len(uris)
-        report["distinct_uris"] = len(set(uris))
+        _count_rows(images, run_dir, report)
     finally:
         Path(report_path).write_text(json.dumps(report, indent=2, default=str))
         try:

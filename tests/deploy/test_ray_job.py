@@ -38,11 +38,6 @@ REPO = Path(__file__).resolve().parents[2]
 N_LISTED, N_EMBEDDED, N_FAILED = 75, 72, 3  # the demo_images fixture: 12 x 6 photos + 3 unusable
 
 
-@pytest.fixture(autouse=True)
-def _env_s3_options():
-    storage.configure_s3(storage.s3_options_from_env())
-
-
 @pytest.fixture(scope="module")
 def ray_head(s3_server):
     env = dict(os.environ, RAY_AUTH_MODE="disabled", TF_CPP_MIN_LOG_LEVEL="2")

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from semclust import runinfo, storage
+from semclust import runinfo, runner, storage
 from semclust.embed.sources import InputStream, read_image_bytes
 
 # Names that a URI parser treating '#' as a fragment, '?' as a query, '%' as an escape or ':' as
@@ -174,7 +174,7 @@ _CHILD = textwrap.dedent(
     except PermissionError:
         pass
 
-    from semclust.embed.pipeline import decode_stage
+    from semclust.embed.actors import decode_stage
     from semclust.embed.sources import InputStream
 
     uris = [u for p in InputStream(sys.argv[1]).pages() for u in p.column("uri").to_pylist()]
@@ -289,8 +289,6 @@ def _check_run(run_dir: str, record: dict, images: dict[str, bytes], broken: set
 
 @pytest.mark.slow
 def test_awkward_folder_embeds_every_image_once(ray_local, awkward_tree, tmp_path, monkeypatch):
-    from semclust.embed.pipeline import run_embed
-
     root, images, broken = awkward_tree
     # A directory the listing cannot scan. Root lists every directory, so the driver's scandir
     # is made to refuse this one (test_unreadable_entries_... above does it with real
@@ -310,15 +308,12 @@ def test_awkward_folder_embeds_every_image_once(ray_local, awkward_tree, tmp_pat
         os.chmod(root / "secret.jpg", 0)
         broken.add(f"file://{root}/secret.jpg")
     run_dir = str(tmp_path / "run #1")
-    record = run_embed(_cfg(str(root), run_dir))
+    record = runner.run_stages(_cfg(str(root), run_dir), ["embed"])["embed"]
     _check_run(run_dir, record, images, broken)
 
 
 @pytest.mark.slow
 def test_awkward_keys_embed_every_image_once(ray_local, s3_server, s3_bucket, tmp_path):
-    from semclust.embed.pipeline import run_embed
-
-    storage.configure_s3(storage.s3_options_from_env())
     client = s3_server.client()
     prefix = "in put#1 %20?"
     images: dict[str, bytes] = {}
@@ -328,5 +323,5 @@ def test_awkward_keys_embed_every_image_once(ray_local, s3_server, s3_bucket, tm
     client.put_object(Bucket=s3_bucket, Key=f"{prefix}/README.txt", Body=b"not an image")
     client.put_object(Bucket=s3_bucket, Key=f"{prefix}/.hidden.jpg", Body=_image(9))
     run_dir = str(tmp_path / "run")
-    record = run_embed(_cfg(f"s3://{s3_bucket}/{prefix}", run_dir))
+    record = runner.run_stages(_cfg(f"s3://{s3_bucket}/{prefix}", run_dir), ["embed"])["embed"]
     _check_run(run_dir, record, images, set())

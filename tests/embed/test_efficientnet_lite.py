@@ -14,13 +14,13 @@ import pytest
 import skimage.data
 from PIL import Image
 
-from semclust.embed.efficientnet_lite import (
+from semclust.embed.backbones import efficientnet_lite0
+from semclust.embed.backbones.efficientnet_lite import (
     build_efficientnet_lite0,
-    default_weights_path,
-    efficientnet_lite0,
     load_efficientnet_lite0_weights,
 )
-from semclust.embed.torch_legacy import load_legacy_state_dict
+from semclust.embed.backbones.efficientnet_lite0 import default_weights_path
+from semclust.embed.backbones.torch_legacy import load_legacy_state_dict
 
 # Lite0 has 4,694,024 weights (moving statistics included) with the 1000-way classifier.
 LITE0_PARAMS_WITH_TOP = 4_694_024
@@ -53,8 +53,8 @@ def classifier(state_dict):
 
 @pytest.fixture(scope="module")
 def features():
-    # Through the convenience entry point, default packaged weights, no classifier.
-    return efficientnet_lite0(include_top=False)
+    # Through the backbone's own build, packaged weights, no classifier.
+    return efficientnet_lite0.build(224, default_weights_path(), seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -165,7 +165,7 @@ def test_misshaped_and_unexpected_tensors(features, classifier, state_dict) -> N
 
 
 def test_other_input_size_and_no_weights() -> None:
-    model = efficientnet_lite0(input_size=96, weights=None)
+    model = efficientnet_lite0.build(96, None, seed=0)
     assert model.input_shape == (None, 96, 96, 3)
     assert model.output_shape == (None, 1280)
 

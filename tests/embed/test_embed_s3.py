@@ -15,16 +15,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from semclust import storage
+from semclust import runner, storage
 from semclust.config import load_config
-from semclust.embed.pipeline import run_embed
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(autouse=True)
-def _env_s3_options():
-    storage.configure_s3(storage.s3_options_from_env())
+def run_embed(cfg) -> dict:
+    return runner.run_stages(cfg, ["embed"])["embed"]
 
 
 def _upload_folder(client, bucket: str, root: Path, prefix: str) -> int:
@@ -134,7 +132,7 @@ def test_prefix_manifest_and_tar_shards_s3_to_s3(ray_local, s3_server, s3_bucket
 
 def test_weights_from_a_uri_equal_the_local_file(s3_server, s3_bucket, tmp_path, monkeypatch):
     from semclust.embed.backbones import Embedder
-    from semclust.embed.efficientnet_lite import default_weights_path
+    from semclust.embed.backbones.efficientnet_lite0 import default_weights_path
 
     monkeypatch.setenv("SEMCLUST_CACHE", str(tmp_path / "cache"))
     local = default_weights_path()
@@ -187,6 +185,52 @@ def test_wrong_credentials_and_missing_bucket_stop_at_once(s3_bucket, tmp_path):
     )
     assert proc.returncode == 2
     assert "bucket 'no-such-bucket-semclust' does not exist" in proc.stderr
+
+
+def test_workers_get_the_storage_settings_from_the_config(s3_server, s3_bucket, demo_images):
+    """The store's endpoint only in the config (``--set storage.endpoint_url``): the driver and
+    the Ray workers it starts have no AWS_ENDPOINT_URL in their environment, so the lister, the
+    read task, the decode tasks and the model actors reach the store only through the settings
+    the run binds to them. A short retry budget: a worker without them fails fast."""
+    _upload_folder(s3_server.client(), s3_bucket, demo_images, "images")
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "RAY_ADDRESS")
+    }
+    run_dir = f"s3://{s3_bucket}/runs/config-endpoint"
+    cmd = [
+        sys.executable,
+        "-m",
+        "semclust.cli",
+        "embed",
+        f"s3://{s3_bucket}/images/",
+        "--run-dir",
+        run_dir,
+        "--backbone",
+        "efficientnet_lite0",
+        "--weights",
+        "default",
+        "--rows-per-part",
+        "20",
+        "--batch-size",
+        "16",
+        "--num-cpus",
+        "2",
+        "--set",
+        f"storage.endpoint_url={s3_server.endpoint}",
+        "--set",
+        "storage.retry_seconds=5",
+    ]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    info = storage.read_json(f"{run_dir}/run.json")["stages"]["embed"]
+    assert (info["status"], info["listed"], info["embedded"], info["failed"]) == ("done", 75, 72, 3)
+    vectors, failures = _read_run(run_dir)
+    assert len(vectors) == 72 and all(u.startswith(f"s3://{s3_bucket}/images/") for u in vectors)
+    # The three unusable files were read and failed to decode; no read failed.
+    assert {Path(u).name for u, _ in failures} == {"empty.jpg", "truncated.jpg", "not-an-image.png"}
+    assert not [e for _, e in failures if e.startswith("read failed")], failures
 
 
 def test_killed_job_resumes_without_repeating_or_losing_an_image(s3_server, s3_bucket, demo_images):

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from semclust import storage
+from semclust.config import StorageConfig
 from tests.faults import (
     UNUSABLE,
     check_complete,
@@ -64,10 +65,9 @@ def store(tmp_path_factory, images):
         if path.is_file():
             key = f"images/{path.relative_to(images)}"
             client.put_object(Bucket="faults", Key=key, Body=path.read_bytes())
-    before = storage.s3_options()
-    storage.configure_s3(storage.S3Options(endpoint_url=server.endpoint, region="us-east-1"))
-    yield server
-    storage.configure_s3(before)
+    # This process's own reads (run.json, the shards) go to this server, not the session's.
+    with storage.using(StorageConfig(endpoint_url=server.endpoint, region="us-east-1")):
+        yield server
     server.stop()
 
 

@@ -1,5 +1,5 @@
 """The streamed listing: pages equal the old full listing, they are fetched lazily, and the embed
-stage consumes them as a stream (parts cut across pages, lost rows detected)."""
+stage consumes them as a stream (parts cut across pages and blocks)."""
 
 from __future__ import annotations
 
@@ -13,17 +13,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from semclust import storage
-from semclust.embed import pipeline
-from semclust.embed.decode import is_image_candidate
-from semclust.embed.pipeline import (
-    ListingProgress,
-    PartWriter,
-    committed_state,
-    count_outputs,
-    run_embed,
-    todo_blocks,
-)
+from semclust import runner, storage
+from semclust.embed import feeder, stage
+from semclust.embed.formats import is_image_candidate
 from semclust.embed.sources import IdSet, InputStream, isin_sorted, read_image_bytes
 from tests.embed.files import tar_bytes
 
@@ -122,7 +114,6 @@ def test_local_tree_is_walked_lazily(tmp_path, monkeypatch):
 
 
 def test_s3_prefix_is_paged_lazily_and_equals_the_full_listing(s3_server, s3_bucket):
-    storage.configure_s3(storage.s3_options_from_env())
     client = s3_server.client()
     # SeaweedFS lists a prefix folder by folder with names sorted within a folder, not in S3's
     # binary key order, so the names whose order differs between the two are left out here.
@@ -160,7 +151,6 @@ def test_s3_prefix_is_paged_lazily_and_equals_the_full_listing(s3_server, s3_buc
 
 
 def test_s3_listing_errors_carry_no_credentials(s3_server, s3_bucket):
-    storage.configure_s3(storage.s3_options_from_env())
     s3_server.client().put_object(Bucket=s3_bucket, Key="p/a.jpg", Body=_jpeg(1))
     os.environ["SEMCLUST_TEST_SAVED_SECRET"] = os.environ["AWS_SECRET_ACCESS_KEY"]
     try:
@@ -226,7 +216,7 @@ def test_tar_shards_stream_tar_by_tar(tmp_path):
     assert _consume(InputStream(str(tmp_path))) == [f"file://{tmp_path}/loose.jpg"]
 
 
-# --- compact id sets and the to-do stream ----------------------------------------------------
+# --- compact id sets -------------------------------------------------------------------------
 
 
 def test_id_set_matches_a_python_set():
@@ -244,89 +234,6 @@ def test_id_set_matches_a_python_set():
     assert isin_sorted(np.array([1, 2, 3]), np.array([2, 5])).tolist() == [False, True, False]
 
 
-def test_todo_blocks_skip_committed_and_number_parts_across_pages():
-    uris = [f"s3://b/{i:04d}.jpg" for i in range(100)]
-    ids = np.array([storage.image_id_for(u) for u in uris])
-    pages = [
-        pa.table(
-            {
-                "uri": uris[i : i + 7],
-                "offset": [-1] * len(uris[i : i + 7]),
-                "size": [-1] * len(uris[i : i + 7]),
-                "image_id": ids[i : i + 7],
-            }
-        )
-        for i in range(0, 100, 7)
-    ]
-    done = np.sort(ids[::3])  # every third image already committed
-    progress = ListingProgress()
-    blocks = list(todo_blocks(iter(pages), done, 4, 10, 8, progress))
-    table = pa.concat_tables(blocks)
-    todo = [u for i, u in enumerate(uris) if i % 3]
-    assert table["uri"].to_pylist() == todo
-    assert [b.num_rows for b in blocks[:-1]] == [8] * (len(blocks) - 1)
-    parts = table["part"].to_numpy()
-    assert parts.tolist() == [4 + i // 10 for i in range(len(todo))]
-    assert progress.already_committed == 34 and progress.rows_sent == len(todo) == 66
-    assert table.column_names == ["uri", "offset", "size", "part"]
-
-
-# --- the writer's lost-rows check ------------------------------------------------------------
-
-
-def _rows(uris: list[str], part: int) -> dict[str, np.ndarray]:
-    n = len(uris)
-    return {
-        "uri": np.asarray(uris, dtype=object),
-        "part": np.full(n, part, dtype=np.int64),
-        "embedding": np.ones((n, 4), dtype=np.float32),
-        "width": np.full(n, 8, dtype=np.int32),
-        "height": np.full(n, 8, dtype=np.int32),
-        "error": np.asarray([""] * n, dtype=object),
-        "error_stage": np.asarray([""] * n, dtype=object),
-    }
-
-
-def test_part_writer_commits_full_parts_then_the_last_and_detects_lost_rows(tmp_path):
-    uris = [f"file:///x/{i}.jpg" for i in range(25)]
-    writer = PartWriter(str(tmp_path / "ok"), rows_per_part=10, dim=4)
-    writer.add(_rows(uris[:6], 0))
-    writer.add(_rows(uris[20:], 2))  # the last part, before the others are whole
-    writer.add(_rows(uris[6:10], 0))
-    assert storage.list_shards(str(tmp_path / "ok" / "embeddings")) != []  # part 0 committed
-    writer.add(_rows(uris[10:20], 1))
-    writer.finish(25, 0)
-    assert writer.rows_written == 25 and writer.parts_committed == 3
-    done, next_part = committed_state(str(tmp_path / "ok"))
-    assert next_part == 3 and len(done) == 25
-    ids = np.array([storage.image_id_for(u) for u in uris])
-    assert count_outputs(str(tmp_path / "ok"), ids) == {
-        "embedded": 25,
-        "failed": 0,
-        "duplicates": 0,
-        "stale": 0,
-    }
-    assert count_outputs(str(tmp_path / "ok"), set(ids[:20].tolist()))["stale"] == 5
-
-    # Rows lost inside a full part: that part never completes.
-    writer = PartWriter(str(tmp_path / "lost"), rows_per_part=10, dim=4)
-    writer.add(_rows(uris[:9], 0))
-    writer.add(_rows(uris[10:20], 1))
-    writer.add(_rows(uris[20:], 2))
-    with pytest.raises(RuntimeError, match=r"lost rows.*sent 25 rows.*received 24.*\{0: 1\}"):
-        writer.finish(25, 0)
-    assert [Path(u).name for u in storage.list_shards(str(tmp_path / "lost" / "embeddings"))] == [
-        "part-00001.parquet"
-    ]
-
-    # The whole last part lost: every part seen is complete, the total is not.
-    writer = PartWriter(str(tmp_path / "tail"), rows_per_part=10, dim=4)
-    writer.add(_rows(uris[:10], 5))
-    writer.add(_rows(uris[10:20], 6))
-    with pytest.raises(RuntimeError, match="lost rows"):
-        writer.finish(25, 5)
-
-
 # --- the embed stage on a stream -------------------------------------------------------------
 
 
@@ -339,8 +246,8 @@ def test_embed_streams_pages_into_parts_across_page_boundaries(
     # Small pages, blocks and window: parts (10 rows) straddle pages (7 files) and blocks
     # (12 rows), and the lister may run only one block (plus a batch) ahead of the writer,
     # so the listing cannot end before parts come back.
-    monkeypatch.setattr(pipeline, "LIST_PAGE_SIZE", 7)
-    monkeypatch.setattr(pipeline, "MAX_BLOCKS_AHEAD", 1)
+    monkeypatch.setattr(stage, "LIST_PAGE_SIZE", 7)
+    monkeypatch.setattr(feeder, "MAX_BLOCKS_AHEAD", 1)
     run_dir = str(tmp_path / "run")
     cfg = load_config(
         None,
@@ -354,7 +261,7 @@ def test_embed_streams_pages_into_parts_across_page_boundaries(
             "embed.decode_batch_size": 3,
         },
     )
-    record = run_embed(cfg)
+    record = runner.run_stages(cfg, ["embed"])["embed"]
     assert (record["listed"], record["embedded"], record["failed"]) == (75, 72, 3)
     assert record["skipped_non_image"] == 1 and record["processed_this_run"] == 75
     assert record["listing_pages"] >= 75 // 7 and record["stale_rows"] == 0
@@ -379,39 +286,6 @@ def test_embed_streams_pages_into_parts_across_page_boundaries(
     assert sorted(part3) == expected[30:40]
 
     # A second run finds everything committed: no Ray work, same counts.
-    again = run_embed(cfg)
+    again = runner.run_stages(cfg, ["embed"])["embed"]
     assert again["processed_this_run"] == 0 and again["already_committed"] == 75
     assert (again["listed"], again["embedded"], again["failed"]) == (75, 72, 3)
-
-
-def test_padded_blocks_leave_the_read_task_at_once_and_decode_ignores_the_pad(tmp_path):
-    """A URI block must exceed the dataset's block target by itself (else Ray Data holds it in
-    the never-ending read task), and the pad must not reach the embeddings."""
-    from semclust.embed.pipeline import (
-        PAD_COLUMN,
-        READ_TARGET_BYTES,
-        decode_stage,
-        pad_block,
-    )
-
-    Image.new("RGB", (40, 30), (200, 10, 10)).save(tmp_path / "red.png")
-    uris = [f"file://{tmp_path}/red.png"] * 3
-    for n in (1, 3):
-        block = pa.table(
-            {
-                "uri": uris[:n],
-                "offset": pa.array([-1] * n, pa.int64()),
-                "size": pa.array([-1] * n, pa.int64()),
-                "part": pa.array([7] * n, pa.int64()),
-            }
-        )
-        padded = pad_block(block)
-        assert padded.nbytes > READ_TARGET_BYTES > block.nbytes
-        assert padded.nbytes < READ_TARGET_BYTES + 64 * 1024  # a little over, not double
-        assert padded.drop_columns([PAD_COLUMN]).equals(block)
-        batch = {
-            name: padded.column(name).to_numpy(zero_copy_only=False) for name in padded.column_names
-        }
-        out = decode_stage(batch, size=32, resize="squash", max_pixels=10**7)
-        assert PAD_COLUMN not in out and out["pixels"].shape == (n, 32, 32, 3)
-        assert list(out["part"]) == [7] * n and list(out["error"]) == [""] * n

@@ -9,14 +9,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from semclust import storage
 from semclust.embed.decode import decode_image
-from semclust.embed.sources import (
-    list_inputs,
-    list_tar_shards,
-    read_image_bytes,
-    tar_member_parts,
-)
+from semclust.embed.sources import list_inputs, read_image_bytes, tar_member_parts
 from tests.embed.files import tar_bytes
 
 
@@ -82,13 +76,12 @@ def test_sources_on_s3(s3_server, s3_bucket):
         Bucket=s3_bucket, Key="shards/s0.tar", Body=tar_bytes({"x.jpg": _jpeg((0, 9, 0))})
     )
     client.put_object(Bucket=s3_bucket, Key="m.csv", Body=b"uri\nimg/a.jpg\n")
-    storage.configure_s3(storage.s3_options_from_env())
     assert list_inputs(f"s3://{s3_bucket}/img").uris == [
         f"s3://{s3_bucket}/img/a.jpg",
         f"s3://{s3_bucket}/img/sub/b.webp",
     ]
     assert list_inputs(f"s3://{s3_bucket}/m.csv").uris == [f"s3://{s3_bucket}/img/a.jpg"]
-    tars = list_tar_shards([f"s3://{s3_bucket}/shards/s0.tar"])
+    tars = list_inputs(f"s3://{s3_bucket}/shards/s0.tar")
     assert read_image_bytes(tars.uris[0], tars.offsets[0], tars.sizes[0]) == _jpeg((0, 9, 0))
 
 
@@ -111,8 +104,8 @@ def test_tar_shards_with_hash_in_their_own_names(tmp_path):
     inner, outer = _jpeg((0, 200, 0)), _jpeg((0, 0, 200))  # the same size: names decide
     (other / "x.tar#y.tar").write_bytes(tar_bytes({"m.jpg": inner}))
     (other / "x.tar").write_bytes(tar_bytes({"pad.jpg": outer, "y.tar#m.jpg": outer}))
-    a = list_tar_shards([f"file://{other}/x.tar#y.tar"])
-    b = list_tar_shards([f"file://{other}/x.tar"])
+    a = list_inputs(f"file://{other}/x.tar#y.tar")
+    b = list_inputs(f"file://{other}/x.tar")
     uri = f"file://{other}/x.tar#y.tar#m.jpg"
     assert a.uris == [uri] and b.uris[1] == uri
     assert read_image_bytes(uri, a.offsets[0], a.sizes[0]) == inner
@@ -128,7 +121,7 @@ def test_tar_shards_with_hash_in_their_own_names(tmp_path):
     # Sizes alone tell them apart too: a header for another size is no evidence.
     big = _jpeg((0, 200, 0), 96)
     (other / "x.tar#y.tar").write_bytes(tar_bytes({"m" * 120 + ".jpg": big}))
-    c = list_tar_shards([f"file://{other}/x.tar#y.tar"])
+    c = list_inputs(f"file://{other}/x.tar#y.tar")
     assert read_image_bytes(c.uris[0], c.offsets[0], c.sizes[0]) == big
     with pytest.raises(ValueError, match="not a tar member URI"):
         tar_member_parts(f"file://{other}/plain#1.jpg")

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from semclust.embed.torch_legacy import RefusedGlobalError, load_legacy_state_dict
+from semclust.embed.backbones.torch_legacy import RefusedGlobalError, load_legacy_state_dict
 
 MAGIC = 0x1950A86A20F9469CFC6C
 SYS_INFO = {"protocol_version": 1001, "little_endian": True, "type_sizes": {"int": 4}}

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from semclust.embed.pipeline import EmbedderSpec
+from semclust.embed.actors import EmbedderSpec
 from tests.label.runs import make_run
 
 REF_CLASSES = (

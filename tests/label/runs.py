@@ -13,9 +13,12 @@ import numpy as np
 import pyarrow as pa
 
 from semclust import runinfo, storage
-from semclust.clustering.kmeans import KMeansModel, assign, assignments_table, faiss_kmeans
-from semclust.clustering.knn import knn_schema
+from semclust.clustering.kmeans import assign, faiss_kmeans
+from semclust.clustering.model import KMeansModel, save_summary
 from semclust.clustering.pca import RowTransform
+from semclust.config import LabelConfig, RunConfig
+from semclust.rundir import schemas
+from semclust.rundir.tables import assignments_table, knn_table
 from tests.clustering.synthetic import write_run
 
 
@@ -72,7 +75,7 @@ def make_run(
     centroids = faiss_kmeans(xn, k, niter=20, nredo=3, spherical=True, init="kmeans++", seed=seed)
     KMeansModel(RowTransform(spherical=True), centroids).save(str(run_dir))
     summary = {"k": k, "dim": x.shape[1], "spherical": True, "pca": False, "iterations": 20}
-    storage.write_json(str(run_dir / "model" / "kmeans.json"), summary)
+    save_summary(str(run_dir), summary)
     labels, dist = assign(x, centroids, spherical=True)
     rows, sims = exact_knn(x, knn_k)
     if neighbour_noise:
@@ -84,18 +87,7 @@ def make_run(
         name = f"part-{part:05d}.parquet"
         table = assignments_table(ids[span], labels[span], dist[span])
         storage.write_parquet(str(run_dir / "assignments" / name), table)
-        knn = pa.table(
-            {
-                "image_id": pa.array(ids[span], pa.int64()),
-                "neighbors": pa.FixedSizeListArray.from_arrays(
-                    pa.array(ids[rows[span]].ravel()), knn_k
-                ),
-                "similarities": pa.FixedSizeListArray.from_arrays(
-                    pa.array(sims[span].ravel()), knn_k
-                ),
-            },
-            schema=knn_schema(knn_k),
-        )
+        knn = knn_table(ids[span], ids[rows[span]], sims[span])
         storage.write_parquet(str(run_dir / "knn" / name), knn)
     runinfo.update_stage(
         str(run_dir), "graph", {"status": "done", "metric": "cosine", "k": knn_k}, {}
@@ -111,8 +103,6 @@ def uris_of(ids: np.ndarray) -> list[str]:
 def _write_embeddings(
     run_dir: Path, x: np.ndarray, uris: list[str], rows_per_part: int
 ) -> np.ndarray:
-    from semclust.embed.pipeline import embeddings_schema
-
     ids = np.array([storage.image_id_for(u) for u in uris], dtype=np.int64)
     dim = x.shape[1]
     for part, s in enumerate(range(0, len(x), rows_per_part)):
@@ -128,7 +118,14 @@ def _write_embeddings(
                 "width": pa.array(np.full(n, 224), pa.int32()),
                 "height": pa.array(np.full(n, 224), pa.int32()),
             },
-            schema=embeddings_schema(dim),
+            schema=schemas.embeddings(dim),
         )
         storage.write_parquet(str(run_dir / "embeddings" / f"part-{part:05d}.parquet"), table)
     return ids
+
+
+def run_label(run_dir: Path | str, lc: LabelConfig) -> dict:
+    """The label stage on ``run_dir`` with ``lc``, under the stage contract; its run.json record."""
+    from semclust import runner
+
+    return runner.run_stages(RunConfig(run_dir=str(run_dir), label=lc), ["label"])["label"]

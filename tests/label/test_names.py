@@ -6,10 +6,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from semclust.label import LabelConfig, run_label
+from semclust.config import LabelConfig
 from semclust.label.names import read_names
 from tests.clustering.synthetic import planted
-from tests.label.runs import make_run
+from tests.label.runs import make_run, run_label
 
 
 @pytest.fixture(scope="module")

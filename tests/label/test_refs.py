@@ -8,9 +8,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from semclust.label import LabelConfig, run_label
+from semclust.config import LabelConfig
 from semclust.label.refs import class_thresholds, list_references, reference_similarity
 from tests.label.conftest import REF_CLASSES, UNRELATED
+from tests.label.runs import run_label
 
 pytestmark = pytest.mark.slow
 

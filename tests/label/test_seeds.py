@@ -10,8 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from semclust import storage
-from semclust.label import LabelConfig, run_label
-from tests.label.runs import make_run, uris_of
+from semclust.config import LabelConfig
+from tests.label.runs import make_run, run_label, uris_of
 
 
 @pytest.fixture(scope="module")

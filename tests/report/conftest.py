@@ -23,6 +23,7 @@ from tests.report.helpers import (
     UNLABELLED_CLASS,
     embedded_images,
     repo_root,
+    run_report,
 )
 
 
@@ -116,10 +117,8 @@ def _write_labels_duplicates_and_k_selection(run: Path) -> None:
 @pytest.fixture(scope="session")
 def built_report(report_run) -> dict[str, object]:
     """The report of the small run in its default place, and how long it took."""
-    from semclust.report import build_report
-
     start = time.perf_counter()
-    uri = build_report(str(report_run))
+    uri = run_report(report_run)["uri"]
     seconds = time.perf_counter() - start
     artifacts = repo_root() / "test-artifacts"
     artifacts.mkdir(exist_ok=True)

@@ -10,9 +10,11 @@ from urllib.parse import unquote, urlsplit
 import numpy as np
 import pyarrow.parquet as pq
 
-from semclust.report.collect import ClusterLabel, FailureSummary, LabelSummary, Member
+from semclust.report.collect import Member
+from semclust.report.findings import ClusterLabel, LabelSummary
 from semclust.report.paths import PathDisplay
-from semclust.report.render import ClusterView, ReportView
+from semclust.report.views import ClusterView, ReportView
+from semclust.rundir.labels import FailureSummary
 
 N_CLASSES, PER_CLASS = 12, 6
 # A file name that is markup: it must show up as text, never as an element.
@@ -20,6 +22,16 @@ EVIL_FAILURE = "<img src=x onerror=alert(1)>.jpg"
 # A good image whose name is markup too, so that it reaches a gallery caption and alt text.
 EVIL_IMAGE = '"><svg onload=alert(2)> & co.jpg'
 UNLABELLED_CLASS = "ihc"  # its images get no label row
+
+
+def run_report(run: Path, **options: object) -> dict:
+    """The report stage on ``run`` with these ``report`` settings, under the stage contract (so
+    run.json gets its record); the record."""
+    from semclust import runner
+    from semclust.config import ReportConfig, RunConfig
+
+    cfg = RunConfig(run_dir=str(run), report=ReportConfig(**options))  # type: ignore[arg-type]
+    return runner.run_stages(cfg, ["report"])["report"]
 
 
 def repo_root() -> Path:

@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from semclust.config import ReportConfig
 from semclust.report import build_report
 from tests.report.helpers import (
     EVIL_FAILURE,
@@ -23,6 +24,7 @@ from tests.report.helpers import (
     embedded_images,
     local_link_target,
     parse,
+    run_report,
 )
 
 pytestmark = pytest.mark.slow
@@ -162,7 +164,7 @@ def test_rebuild_reuses_thumbnails_and_the_folder_is_relocatable(
 ):
     report_dir: Path = built_report["dir"]
     before = {p: p.stat().st_mtime_ns for p in report_dir.glob("thumbs/*/*.jpg")}
-    build_report(str(report_run))
+    run_report(report_run)
     record = json.loads((report_run / "run.json").read_text())["stages"]["report"]
     assert record["thumbnails_made"] == 0
     assert record["thumbnails_reused"] == record["images_shown"] == len(before)
@@ -174,10 +176,9 @@ def test_rebuild_reuses_thumbnails_and_the_folder_is_relocatable(
 
 
 def test_fewer_clusters_per_page_paginates_and_drops_stale_pages(report_run, tmp_path):
-    from semclust.report import ReportOptions
-
+    # build_report called directly (no stage, no run.json record), with its own Ray tasks.
     out = tmp_path / "paged"
-    build_report(str(report_run), str(out), options=ReportOptions(clusters_per_page=5))
+    build_report(str(report_run), ReportConfig(out=str(out), clusters_per_page=5))
     names = sorted(p.name for p in out.glob("clusters-*.html"))
     assert names == ["clusters-0001.html", "clusters-0002.html", "clusters-0003.html"]
     sections = [
@@ -188,7 +189,7 @@ def test_fewer_clusters_per_page_paginates_and_drops_stale_pages(report_run, tmp
     assert 'href="clusters-0002.html" rel="next"' in (out / "clusters-0001.html").read_text()
     _check_links(_pages(out), lambda rel: (out / rel).is_file())
 
-    build_report(str(report_run), str(out), options=ReportOptions(clusters_per_page=50))
+    build_report(str(report_run), ReportConfig(out=str(out), clusters_per_page=50))
     assert sorted(p.name for p in out.glob("clusters-*.html")) == ["clusters-0001.html"]
 
 
@@ -198,7 +199,7 @@ def test_report_written_to_object_storage(report_run, report_images, s3_bucket, 
     from semclust import storage
 
     prefix = f"s3://{s3_bucket}/runs/demo"
-    assert build_report(str(report_run), prefix) == f"{prefix}/index.html"
+    assert run_report(report_run, out=prefix)["uri"] == f"{prefix}/index.html"
     keys = {uri[len(prefix) + 1 :] for uri, _ in storage.list_files(prefix)}
     assert {"index.html", "failures.html", "duplicates.html", "map.png"} <= keys
     fs, root = storage.resolve(prefix)
@@ -222,14 +223,14 @@ def test_report_written_to_object_storage(report_run, report_images, s3_bucket, 
 
 
 def test_missing_clusters_is_a_clear_error(report_run, tmp_path, capsys):
-    from semclust.report.cli import main
+    from semclust.cli import main
 
-    assert main(["--run-dir", str(tmp_path / "nothing-here")]) == 2
+    assert main(["report", "--run-dir", str(tmp_path / "nothing-here")]) == 2
     assert "does not exist" in capsys.readouterr().err
 
     partial = tmp_path / "embedded-only"
     shutil.copytree(report_run / "embeddings", partial / "embeddings")
-    assert main(["--run-dir", str(partial)]) == 2
+    assert main(["report", "--run-dir", str(partial)]) == 2
     assert "run `semclust cluster`" in capsys.readouterr().err
 
     proc = subprocess.run(

@@ -9,12 +9,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from semclust.report.build import _write_pages, input_root
-from semclust.report.collect import ClusterLabel, FailureSummary, Member
+from semclust.config import ReportConfig
+from semclust.report.build import _write_pages
+from semclust.report.collect import Member
+from semclust.report.facts import input_root
+from semclust.report.findings import ClusterLabel
 from semclust.report.map2d import cluster_color, pca_2d, project_2d, render_map
-from semclust.report.options import ReportOptions
+from semclust.report.markup import json_block
+from semclust.report.overview import index_page
 from semclust.report.paths import PathDisplay
-from semclust.report.render import cluster_page, failures_page, index_page, json_block
+from semclust.report.render import cluster_page, failures_page
+from semclust.rundir.labels import FailureSummary
 from tests.report.helpers import local_link_target, parse, synthetic_view
 
 HOSTILE = "<script>alert(1)</script>\"' onmouseover=x &amp;"
@@ -146,11 +151,11 @@ def test_render_map_colours_points_by_cluster():
 
 def test_options_are_validated():
     with pytest.raises(ValueError, match="one of auto, pca, umap"):
-        ReportOptions(projection="tsne")
+        ReportConfig(projection="tsne")
     with pytest.raises(ValueError, match="clusters_per_page must be > 0"):
-        ReportOptions(clusters_per_page=0)
+        ReportConfig(clusters_per_page=0)
     with pytest.raises(ValueError, match="nearest must be >= 0"):
-        ReportOptions(nearest=-1)
+        ReportConfig(nearest=-1)
 
 
 def test_member_without_thumbnail_shows_the_reason():

@@ -12,6 +12,14 @@ from semclust.report.sampling import hash_key, key_threshold, smallest_per_group
 from tests.report.helpers import unit_vectors
 
 
+def _remote(run_dir) -> object:
+    """Ray tasks as the report stage makes them (``RunContext.remote``)."""
+    from semclust.config import RunConfig
+    from semclust.context import RunContext
+
+    return RunContext(RunConfig(run_dir=str(run_dir))).remote
+
+
 def test_smallest_per_group_matches_brute_force_and_ignores_row_order():
     rng = np.random.default_rng(3)
     groups = rng.integers(0, 9, size=500)
@@ -66,7 +74,7 @@ def test_summaries_equal_a_global_selection_for_any_sharding(ray_local, tmp_path
     for parts, seed in ((1, 0), (5, 1)):
         run = tmp_path / f"run{parts}"
         _write_assignments(run, ids, clusters, dist, parts, seed)
-        results.append(summarize_assignments(str(run), k, 5, 4, 300, seed=11))
+        results.append(summarize_assignments(str(run), k, 5, 4, 300, 11, remote=_remote(run)))
     one, five = results
     for c in range(k):
         assert [m.image_id for m in one.nearest[c]] == [m.image_id for m in five.nearest[c]]
@@ -94,7 +102,8 @@ def test_summaries_equal_a_global_selection_for_any_sharding(ray_local, tmp_path
     assert [cluster_of[i] for i in one.map_ids.tolist()] == one.map_clusters.tolist()
     # A seeded uniform sample: about half of it from cluster 0, which holds about half the rows.
     assert 0.4 < (one.map_clusters == 0).mean() < 0.6
-    other = summarize_assignments(str(tmp_path / "run1"), k, 5, 4, 300, seed=12)
+    run1 = tmp_path / "run1"
+    other = summarize_assignments(str(run1), k, 5, 4, 300, 12, remote=_remote(run1))
     assert set(other.map_ids.tolist()) != set(one.map_ids.tolist())
 
 
@@ -102,7 +111,7 @@ def test_stale_assignments_are_refused(ray_local, tmp_path):
     ids = np.arange(10, dtype=np.int64)
     _write_assignments(tmp_path, ids, np.full(10, 9), np.zeros(10), 1, 0)
     with pytest.raises(Exception, match=r"outside 0\.\.4"):
-        summarize_assignments(str(tmp_path), 5, 2, 2, 10, seed=0)
+        summarize_assignments(str(tmp_path), 5, 2, 2, 10, 0, remote=_remote(tmp_path))
 
 
 def test_nearest_clusters_by_centroid_cosine_in_chunks():

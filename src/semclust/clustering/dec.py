@@ -28,8 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from semclust.clustering.refine import predict_in_batches
-from semclust.clustering.scan import ScanResult, _EpochLog
+from semclust.clustering.heads import EpochLog, HeadResult, predict_in_batches
 
 if TYPE_CHECKING:
     from semclust.config import RefineConfig
@@ -124,7 +123,7 @@ def _soft_pass(
     return labels, freq
 
 
-def train_dec(features: np.ndarray, centroids: np.ndarray, rc: RefineConfig) -> ScanResult:
+def train_dec(features: np.ndarray, centroids: np.ndarray, rc: RefineConfig) -> HeadResult:
     """Train DEC on rows float32 (n, d) from k-means centroids float32 (k, d).
 
     Returns the predict function (rows -> soft assignments (n, k)) and a summary with the loss
@@ -132,7 +131,6 @@ def train_dec(features: np.ndarray, centroids: np.ndarray, rc: RefineConfig) -> 
     whether it converged, and the distance unit.
     """
     import keras
-    import tensorflow as tf
 
     n, dim = features.shape
     k = len(centroids)
@@ -156,7 +154,7 @@ def train_dec(features: np.ndarray, centroids: np.ndarray, rc: RefineConfig) -> 
         return predict_in_batches(model, np.asarray(x, dtype=np.float32) / unit)
 
     curve: list[dict[str, Any]] = []
-    epoch_log = _EpochLog("dec")
+    loss: float | None = None
     previous: np.ndarray | None = None
     converged = False
     for update in range(max_updates + 1):
@@ -168,8 +166,8 @@ def train_dec(features: np.ndarray, centroids: np.ndarray, rc: RefineConfig) -> 
             "changed": None if changed is None else round(changed, 6),
             "empty_clusters": int((sizes == 0).sum()),
         }
-        if update > 0:
-            entry["loss"] = round(float(epoch_log.epochs[-1]["loss"]), 6)
+        if loss is not None:
+            entry["loss"] = round(loss, 6)
         curve.append(entry)
         log.info("dec update %d: %s", update, entry)
         if changed is not None and changed < rc.dec_tolerance:
@@ -180,27 +178,7 @@ def train_dec(features: np.ndarray, centroids: np.ndarray, rc: RefineConfig) -> 
         previous = labels
         # The targets stay fixed until the next update: computed from a copy of the weights.
         frozen = _FrozenDec(model, unit, rc.dec_alpha, freq)
-
-        def make_epoch(frozen: _FrozenDec = frozen) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-            for rows in _row_stream(features, batch, interval, rng):
-                yield rows / unit, frozen.targets(rows)
-
-        dataset = tf.data.Dataset.from_generator(
-            make_epoch,
-            output_signature=(
-                tf.TensorSpec((None, dim), tf.float32),
-                tf.TensorSpec((None, k), tf.float32),
-            ),
-        ).prefetch(2)
-        epoch_log = _EpochLog("dec")
-        model.fit(
-            dataset,
-            epochs=1,
-            steps_per_epoch=interval,
-            verbose=0,
-            shuffle=False,
-            callbacks=[epoch_log.callback],
-        )
+        loss = _fit_to_targets(model, features, frozen, batch, interval, rng)
     summary = {
         "converged": converged,
         "updates": len(curve) - 1,
@@ -211,7 +189,44 @@ def train_dec(features: np.ndarray, centroids: np.ndarray, rc: RefineConfig) -> 
         "empty_clusters": curve[-1]["empty_clusters"],
         "loss_curve": {"dec": curve},
     }
-    return ScanResult(predict=predict, summary=summary)
+    return HeadResult(predict=predict, summary=summary)
+
+
+def _fit_to_targets(
+    model: Any,
+    features: np.ndarray,
+    frozen: _FrozenDec,
+    batch: int,
+    steps: int,
+    rng: np.random.Generator,
+) -> float:
+    """Train ``model`` for ``steps`` batches against ``frozen``'s targets; the last mean KL."""
+    import tensorflow as tf
+
+    dim = features.shape[1]
+    k = frozen.centroids.shape[0]
+
+    def make_epoch() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        for rows in _row_stream(features, batch, steps, rng):
+            yield rows / frozen.unit, frozen.targets(rows)
+
+    dataset = tf.data.Dataset.from_generator(
+        make_epoch,
+        output_signature=(
+            tf.TensorSpec((None, dim), tf.float32),
+            tf.TensorSpec((None, k), tf.float32),
+        ),
+    ).prefetch(2)
+    epoch_log = EpochLog("dec")
+    model.fit(
+        dataset,
+        epochs=1,
+        steps_per_epoch=steps,
+        verbose=0,
+        shuffle=False,
+        callbacks=[epoch_log.callback],
+    )
+    return float(epoch_log.epochs[-1]["loss"])
 
 
 class _FrozenDec:
@@ -239,8 +254,6 @@ def _row_stream(
     features: np.ndarray, batch: int, steps: int, rng: np.random.Generator
 ) -> Iterator[np.ndarray]:
     """``steps`` batches of rows float32 (B, d), in random order, continuing across epochs."""
-    from semclust.clustering.scan import row_batches
-
     done = 0
     while done < steps:
         for rows in row_batches(features, batch, rng):
@@ -248,3 +261,14 @@ def _row_stream(
             done += 1
             if done == steps:
                 return
+
+
+def row_batches(
+    features: np.ndarray, batch_size: int, rng: np.random.Generator
+) -> Iterator[np.ndarray]:
+    """One epoch of rows float32 (B, d) in a random order (incomplete last batch dropped)."""
+    n = len(features)
+    batch_size = min(batch_size, n)
+    order = rng.permutation(n)
+    for s in range(0, n - batch_size + 1, batch_size):
+        yield np.asarray(features[np.sort(order[s : s + batch_size])], dtype=np.float32)

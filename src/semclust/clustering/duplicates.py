@@ -13,34 +13,25 @@ import logging
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 
 from semclust import storage
-from semclust.clustering.shards import ShardSet
+from semclust.rundir.embeddings import ShardSet
+from semclust.rundir.layout import DUPLICATES
+from semclust.rundir.tables import duplicates_table, knn_parts, read_knn_part
 
 log = logging.getLogger(__name__)
 
-DUPLICATES_DIR = "duplicates"
-DUPLICATES_SCHEMA = pa.schema([("image_id", pa.int64()), ("group", pa.int64())])
 ROWS_PER_PART = 1_000_000
 _LARGEST = 10  # groups summarised in run.json
 _EXAMPLES = 5  # URIs shown per summarised group
 
 
 def strong_edges(knn_uri: str, threshold: float) -> tuple[np.ndarray, np.ndarray]:
-    """(source, target) image ids int64 (m,) of one knn shard's edges with similarity >= t."""
-    table = storage.read_parquet(knn_uri, ["image_id", "neighbors", "similarities"])
-    ids = table.column("image_id").to_numpy()
-    k = table.schema.field("neighbors").type.list_size
-    neighbors = _flat(table.column("neighbors"), np.int64).reshape(-1, k)
-    sims = _flat(table.column("similarities"), np.float32).reshape(-1, k)
-    mask = (sims >= threshold) & (neighbors >= 0)
-    return np.repeat(ids, mask.sum(axis=1)), neighbors[mask]
-
-
-def _flat(column: pa.ChunkedArray, dtype: type) -> np.ndarray:
-    flat = column.combine_chunks().flatten().to_numpy(zero_copy_only=False)
-    return np.asarray(flat, dtype=dtype)
+    """(source, target) image ids int64 (m,) of one knn part's edges with similarity >= t."""
+    part = read_knn_part(knn_uri)
+    assert part.similarities is not None
+    mask = (part.similarities >= threshold) & (part.neighbors >= 0)
+    return np.repeat(part.ids, mask.sum(axis=1)), part.neighbors[mask]
 
 
 def duplicate_groups(src: np.ndarray, dst: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -79,22 +70,16 @@ def _uris_of(shards: ShardSet, wanted: set[int]) -> dict[int, str]:
     return found
 
 
-def run_duplicates(run_dir: str, shards: ShardSet, threshold: float) -> dict[str, Any]:
+def write_duplicates(run_dir: str, shards: ShardSet, threshold: float) -> dict[str, Any]:
     """Find the groups from ``knn/``, write ``duplicates/``, return the run.json summary."""
-    from semclust.clustering.knn import KNN_DIR
-
-    knn_uris = storage.list_shards(storage.join(run_dir, KNN_DIR))
-    parts = [strong_edges(u, threshold) for u in knn_uris]
+    parts = [strong_edges(u, threshold) for u in knn_parts(run_dir)]
     src = np.concatenate([p[0] for p in parts]) if parts else np.empty(0, np.int64)
     dst = np.concatenate([p[1] for p in parts]) if parts else np.empty(0, np.int64)
     ids, groups = duplicate_groups(src, dst)
-    out_dir = storage.join(run_dir, DUPLICATES_DIR)
+    out_dir = storage.join(run_dir, DUPLICATES)
     storage.remove_tree(out_dir)
     for part, s in enumerate(range(0, max(len(ids), 1), ROWS_PER_PART)):
-        table = pa.table(
-            {"image_id": ids[s : s + ROWS_PER_PART], "group": groups[s : s + ROWS_PER_PART]},
-            schema=DUPLICATES_SCHEMA,
-        )
+        table = duplicates_table(ids[s : s + ROWS_PER_PART], groups[s : s + ROWS_PER_PART])
         storage.write_parquet(storage.join(out_dir, f"part-{part:05d}.parquet"), table)
     group_ids, sizes = np.unique(groups, return_counts=True)
     top = np.argsort(-sizes, kind="stable")[:_LARGEST]

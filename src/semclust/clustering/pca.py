@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from semclust.clustering.shards import normalize_rows
+from semclust.rundir.embeddings import normalize_rows
 
 _COV_CHUNK = 65_536  # rows per covariance block: bounds the float64 temporary
 

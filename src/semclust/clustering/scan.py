@@ -21,12 +21,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from semclust.clustering.refine import predict_in_batches
+from semclust.clustering.heads import EpochLog, HeadResult, predict_in_batches
 
 if TYPE_CHECKING:
     from semclust.config import RefineConfig
@@ -58,17 +57,6 @@ def pair_batches(
         rows = np.sort(order[s : s + batch_size])  # sorted: sequential reads of a memmap
         partner = neighbours[rows, rng.integers(0, neighbours.shape[1], len(rows))]
         yield np.concatenate([features[rows], features[partner]]).astype(np.float32, copy=False)
-
-
-def row_batches(
-    features: np.ndarray, batch_size: int, rng: np.random.Generator
-) -> Iterator[np.ndarray]:
-    """One epoch of rows float32 (B, d) in a random order (incomplete last batch dropped)."""
-    n = len(features)
-    batch_size = min(batch_size, n)
-    order = rng.permutation(n)
-    for s in range(0, n - batch_size + 1, batch_size):
-        yield np.asarray(features[np.sort(order[s : s + batch_size])], dtype=np.float32)
 
 
 def generator_dataset(make_epoch: Callable[[], Iterator[np.ndarray]], dim: int) -> Any:
@@ -227,34 +215,6 @@ def labelled_batches(
 # --- training ------------------------------------------------------------------------------------
 
 
-@dataclass
-class ScanResult:
-    """The trained head: ``predict(rows float32 (n, d)) -> probabilities float32 (n, k)``."""
-
-    predict: Callable[[np.ndarray], np.ndarray]
-    summary: dict[str, Any] = field(default_factory=dict)
-    # SCAN only: every head before self-labelling, rows -> float32 (n, heads, k)
-    predict_heads: Callable[[np.ndarray], np.ndarray] | None = None
-
-
-class _EpochLog:
-    """Keras callback collecting each epoch's logs (rounded) and logging a line."""
-
-    def __init__(self, name: str) -> None:
-        import keras
-
-        outer = self
-        self.epochs: list[dict[str, float]] = []
-
-        class Callback(keras.callbacks.Callback):
-            def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
-                row = {key: round(float(v), 5) for key, v in (logs or {}).items()}
-                outer.epochs.append(row)
-                log.info("%s epoch %d: %s", name, epoch + 1, row)
-
-        self.callback = Callback()
-
-
 def _optimizer(rc: RefineConfig) -> Any:
     import keras
 
@@ -267,7 +227,7 @@ def train_scan(
     k: int,
     rc: RefineConfig,
     init_clusters: np.ndarray | None = None,
-) -> ScanResult:
+) -> HeadResult:
     """Train SCAN heads (then self-label the best) on rows float32 (n, d) and their graph
     neighbours int (n, m) (row indices into ``features``).
 
@@ -288,7 +248,7 @@ def train_scan(
     if init_clusters is not None and rc.warm_start_epochs > 0:
         _warm_start(model, features, init_clusters, k, batch, rng, rc)
     pairs = generator_dataset(lambda: pair_batches(features, neighbours, batch, rng), dim)
-    curve = _EpochLog("scan")
+    curve = EpochLog("scan")
     model.fit(
         pairs,
         epochs=rc.epochs,
@@ -322,7 +282,7 @@ def train_scan(
     def all_heads(x: np.ndarray) -> np.ndarray:
         return predict_in_batches(model, x)
 
-    return ScanResult(predict=predict, summary=summary, predict_heads=all_heads)
+    return HeadResult(predict=predict, summary=summary, predict_heads=all_heads)
 
 
 def _self_label(

@@ -1,24 +1,26 @@
-"""Where images come from: a folder or prefix, a manifest of URIs, or WebDataset-style tar shards.
+"""Where images come from, the shared core: pages, id sets, the input stream, image reads.
 
-Every source is listed as a stream of pages (``pyarrow.Table``: ``uri``, ``offset``, ``size``,
+Every input is listed as a stream of pages (``pyarrow.Table``: ``uri``, ``offset``, ``size``,
 ``image_id``), so that a catalogue of tens of millions of images never sits on the driver as
 Python objects. ``InputStream`` yields the pages and keeps the counts (skipped, duplicates) and
 the listed ids (a compact sorted numpy array, 8 bytes per image, used for de-duplication and the
 final ``listed = embedded + failed`` check).
 
-Order: folders and prefixes come in sorted URI order (S3 keys in binary order, a local tree
-walked directory by directory); tar shards tar by tar, each tar's members sorted, which is the
-sorted order of the member URIs; manifests in their own row order (deterministic, and sorting a
-catalogue of millions would need it all in memory). For images inside tar shards, ``offset`` and
-``size`` give the member's byte range, so a decode task reads it with one ranged read; a
-member's URI is ``<tar URI>#<member name>``, both parts raw (``tar_member_parts`` splits it).
-``offset``/``size`` are -1 for whole files.
+What an input is, and how it is listed, is an input kind: one module of
+``semclust.embed.inputs`` per kind (a manifest of URIs, WebDataset-style tar shards, a folder or
+prefix), registered in ``semclust.registry.INPUT_KINDS``; the first kind whose ``matches``
+accepts the input lists it (``input_kind``). Order: folders and prefixes come in sorted URI
+order; tar shards tar by tar, each tar's members sorted; manifests in their own row order. For
+images inside tar shards, ``offset`` and ``size`` give the member's byte range, so a decode task
+reads it with one ranged read; a member's URI is ``<tar URI>#<member name>``, both parts raw
+(``tar_member_parts`` splits it). ``offset``/``size`` are -1 for whole files.
 
-What is listed from a folder or prefix: a file with an image extension (decodable or
-known-unsupported, see ``decode.is_image_candidate``); else a file whose first bytes are an
-image's signature; else an entry that cannot be read at all (a dangling symlink, a link loop, a
-file without read permission, a directory that cannot be scanned), whatever its name, because
-skipping it would hide it: its read fails and it becomes a ``failures/`` row.
+What is listed from a folder or prefix (``InputStream.image_page``): a file with an image
+extension (decodable or known-unsupported, see ``formats.is_image_candidate``); else a file
+whose first bytes are an image's signature; else an entry that cannot be read at all (a dangling
+symlink, a link loop, a file without read permission, a directory that cannot be scanned),
+whatever its name, because skipping it would hide it: its read fails and it becomes a
+``failures/`` row.
 
 ``list_inputs``/``list_images`` gather a stream into a ``Listing`` (a Python list), a
 convenience for small inputs (reference images, search queries); the embed stage consumes the
@@ -28,27 +30,23 @@ stream itself.
 from __future__ import annotations
 
 import errno
-import logging
 import os
-import posixpath
 import tarfile
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from types import ModuleType
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from semclust import storage
-from semclust.embed.decode import is_image_candidate
+from semclust import registry, storage
+from semclust.embed.formats import is_image_candidate
 from semclust.retry import is_transient, retry_call
 
-log = logging.getLogger(__name__)
-
 _SNIFF_BYTES = 64
-MANIFEST_SUFFIXES = (".parquet", ".csv")
 TAR_SUFFIXES = (".tar",)
 PAGE_SIZE = storage.LIST_PAGE_SIZE  # rows per listing page (and S3 keys per request)
 
@@ -143,9 +141,11 @@ def ids_for(uris: Iterable[str]) -> np.ndarray:
 # --- the streamed listing ------------------------------------------------------------------------
 
 
-def _page(
+def listing_page(
     uris: list[str], offsets: list[int] | None = None, sizes: list[int] | None = None
 ) -> pa.Table:
+    """A listing page (``PAGE_SCHEMA``) of ``uris``; ``offsets``/``sizes`` default to -1 (whole
+    files)."""
     n = len(uris)
     return pa.table(
         {
@@ -158,12 +158,14 @@ def _page(
     )
 
 
-def _is_manifest(uri: str) -> bool:
-    return uri.lower().endswith(MANIFEST_SUFFIXES) and not storage.is_dir(uri)
-
-
-def _is_tar(uri: str) -> bool:
-    return uri.lower().endswith(TAR_SUFFIXES)
+def input_kind(uri: str) -> ModuleType:
+    """The module of ``semclust.embed.inputs`` that lists ``uri``: the first kind of
+    ``registry.INPUT_KINDS`` whose ``matches`` accepts it."""
+    for name in registry.INPUT_KINDS:
+        module = registry.input_kind(name)
+        if module.matches(uri):
+            return module
+    raise ValueError(f"no input kind lists {uri!r}; kinds: {', '.join(registry.INPUT_KINDS)}")
 
 
 class InputStream:
@@ -193,19 +195,19 @@ class InputStream:
         storage.check_access(self.input_uri, must_exist=True)
         busy = 0.0  # time inside the listing, not in the consumer
         t0 = time.perf_counter()
-        for page in self._raw_pages():
-            if page.num_rows == 0:
+        for table in input_kind(self.input_uri).pages(self, self.input_uri):
+            if table.num_rows == 0:
                 continue
-            mask = self._ids.add_new(page.column("image_id").to_numpy())
-            self.duplicates += int(page.num_rows - mask.sum())
+            mask = self._ids.add_new(table.column("image_id").to_numpy())
+            self.duplicates += int(table.num_rows - mask.sum())
             if not mask.all():
-                page = page.filter(pa.array(mask))
-            if page.num_rows == 0:
+                table = table.filter(pa.array(mask))
+            if table.num_rows == 0:
                 continue
-            self.listed += page.num_rows
+            self.listed += table.num_rows
             self.pages_yielded += 1
             busy += time.perf_counter() - t0
-            yield page
+            yield table
             t0 = time.perf_counter()
         self.seconds = busy + time.perf_counter() - t0
         self.done = True
@@ -214,39 +216,10 @@ class InputStream:
         """Sorted ids of every image yielded so far."""
         return self._ids.sorted()
 
-    def _raw_pages(self) -> Iterator[pa.Table]:
-        uri = self.input_uri
-        if _is_manifest(uri):
-            yield from self._manifest_pages(uri)
-            return
-        # Tar shards count as the input only when every file is one (as before the listing was
-        # streamed); while only tars have been seen, their URIs (one per shard, not per image)
-        # are held, and the first loose file turns them into ignored files.
-        pending_tars: list[pa.Table] = []
-        loose = False
-        ignored_tars = 0
-        for files in storage.iter_file_pages(
-            uri, page_size=self.page_size, s3_client=self.s3_client
-        ):
-            tar_mask = np.array([_is_tar(u) for u in files.column("uri").to_pylist()], dtype=bool)
-            if not loose:
-                if tar_mask.all():
-                    pending_tars.append(files)
-                    continue
-                loose = True
-                ignored_tars += sum(t.num_rows for t in pending_tars)
-                pending_tars = []
-            ignored_tars += int(tar_mask.sum())
-            yield self._image_page(files.filter(pa.array(~tar_mask)))
-        if not loose and pending_tars:
-            tars = pa.concat_tables(pending_tars).column("uri").to_pylist()
-            yield from self._tar_pages(tars)
-        if ignored_tars:
-            log.warning("ignoring %d tar files mixed with loose images under %s", ignored_tars, uri)
-
-    def _image_page(self, files: pa.Table) -> pa.Table:
-        """Images of one page of files: by extension, else by sniffing the first bytes; an entry
-        that cannot be read is listed too (its read will fail and be a failure row)."""
+    def image_page(self, files: pa.Table) -> pa.Table:
+        """Images of one page of files (``uri``, ``size``): by extension, else by sniffing the
+        first bytes; an entry that cannot be read is listed too (its read will fail and be a
+        failure row). Counts the others as ``skipped``."""
         uris: list[str] = []
         for uri, size in zip(
             files.column("uri").to_pylist(), files.column("size").to_pylist(), strict=True
@@ -259,47 +232,7 @@ class InputStream:
                 uris.append(uri)
             else:
                 self.skipped += 1
-        return _page(uris)
-
-    def _manifest_pages(self, manifest_uri: str) -> Iterator[pa.Table]:
-        base = posixpath.dirname(storage.canonical_uri(manifest_uri))
-        for batch in _manifest_columns(manifest_uri, self.page_size):
-            # CSV batches follow the reader's block size (1 MB); pages keep to page_size rows.
-            for start in range(0, len(batch), self.page_size):
-                column = batch.slice(start, self.page_size)
-                raw = [u for u in column.to_pylist() if u]
-                self.skipped += len(column) - len(raw)  # empty rows
-                yield _page([_manifest_uri(u, base) for u in raw])
-
-    def _tar_pages(self, tar_uris: list[str]) -> Iterator[pa.Table]:
-        # Sorting by "<tar>#" keeps the member URIs in their global sorted order across tars.
-        for tar_uri in sorted(tar_uris, key=lambda u: u + "#"):
-            rows: list[tuple[str, int, int]] = []
-            fs, path = storage.resolve(tar_uri)
-            try:
-                f = fs.open_input_file(path)
-            except OSError as exc:
-                if is_transient(exc):
-                    raise
-                # A dangling or unreadable shard: listed as itself, so its read fails and it is
-                # a failure row (its members cannot be known).
-                log.warning("cannot open tar shard %s: %s", tar_uri, exc)
-                yield _page([tar_uri])
-                continue
-            with f, tarfile.open(fileobj=f, mode="r:") as tar:
-                for member in tar:
-                    if not member.isfile():
-                        continue
-                    if member.name.rsplit("/", 1)[-1].startswith(".") or not is_image_candidate(
-                        member.name
-                    ):
-                        self.skipped += 1  # WebDataset side files: .cls, .json, .txt
-                        continue
-                    rows.append((f"{tar_uri}#{member.name}", member.offset_data, member.size))
-            rows.sort()
-            for start in range(0, len(rows), self.page_size):
-                chunk = rows[start : start + self.page_size]
-                yield _page([r[0] for r in chunk], [r[1] for r in chunk], [r[2] for r in chunk])
+        return listing_page(uris)
 
 
 def _head(uri: str, size: int) -> bytes | None:
@@ -327,50 +260,12 @@ def _head(uri: str, size: int) -> bytes | None:
         return None
 
 
-def _manifest_columns(manifest_uri: str, batch_rows: int) -> Iterator[pa.Array]:
-    """The ``uri`` column of a Parquet or CSV manifest, batch by batch (never read whole)."""
-    fs, path = storage.resolve(manifest_uri)
-    if manifest_uri.lower().endswith(".csv"):
-        import pyarrow.csv as pacsv
-
-        with fs.open_input_stream(path) as f:
-            names = pacsv.open_csv(f).schema.names
-        _require_uri_column(manifest_uri, names)
-        convert = pacsv.ConvertOptions(
-            include_columns=["uri"], column_types={"uri": pa.string()}, strings_can_be_null=True
-        )
-        with fs.open_input_stream(path) as f:
-            for batch in pacsv.open_csv(f, convert_options=convert):
-                yield batch.column(0)
-        return
-    import pyarrow.parquet as pq
-
-    with fs.open_input_file(path) as f:
-        pf = pq.ParquetFile(f)
-        _require_uri_column(manifest_uri, pf.schema_arrow.names)
-        for batch in pf.iter_batches(batch_size=batch_rows, columns=["uri"]):
-            yield batch.column(0)
-
-
-def _require_uri_column(manifest_uri: str, names: list[str]) -> None:
-    if "uri" not in names:
-        raise ValueError(f"manifest {manifest_uri!r} needs a 'uri' column; it has {names}")
-
-
-def _manifest_uri(uri: str, base: str) -> str:
-    if storage.is_remote(uri) or uri.startswith("file://") or uri.startswith("/"):
-        return storage.canonical_uri(uri)
-    if storage.is_remote(base):  # relative to a manifest in object storage
-        return posixpath.join(base, uri)
-    return storage.canonical_uri(posixpath.join(base[len("file://") :], uri))
-
-
 # --- whole listings, for small inputs ------------------------------------------------------------
 
 
 def _gather(stream: InputStream, pages: Iterable[pa.Table] | None = None) -> Listing:
     tables = list(pages if pages is not None else stream.pages())
-    table = pa.concat_tables(tables) if tables else _page([])
+    table = pa.concat_tables(tables) if tables else listing_page([])
     offsets = table.column("offset").to_pylist()
     whole = all(o < 0 for o in offsets)
     return Listing(
@@ -393,25 +288,12 @@ def list_inputs(input_uri: str) -> Listing:
 def list_images(input_uri: str) -> Listing:
     """Every image under a folder/prefix (recursively), by extension or, failing that, content."""
     stream = InputStream(input_uri)
-    pages = (
-        stream._image_page(files) for files in storage.iter_file_pages(input_uri)
-    )  # tar files here are plain files, as before
+    # Tar files here are plain files: this lists the images of a folder, whatever is beside them.
+    pages = (stream.image_page(files) for files in storage.iter_file_pages(input_uri))
     return _gather(stream, pages)
 
 
-def list_manifest(manifest_uri: str) -> Listing:
-    """URIs from the ``uri`` column of a Parquet or CSV manifest (local paths made absolute).
-
-    Every row is listed, whatever its extension: a manifest is the user's explicit choice, and a
-    URI that is not an image ends as a failures/ row rather than vanishing.
-    """
-    return list_inputs(manifest_uri)
-
-
-def list_tar_shards(tar_uris: list[str]) -> Listing:
-    """Image members of tar shards with their byte ranges; headers only, data is skipped."""
-    stream = InputStream(tar_uris[0] if tar_uris else "")
-    return _gather(stream, stream._tar_pages(list(tar_uris)))
+# --- reading an image ----------------------------------------------------------------------------
 
 
 def tar_member_parts(uri: str, offset: int = -1, size: int = -1) -> tuple[str, str]:

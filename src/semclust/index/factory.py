@@ -24,12 +24,13 @@ from typing import Any
 
 import numpy as np
 
-from semclust.clustering.exact import similarity_space
-from semclust.clustering.shards import ShardSet, read_checked, sample_rows, sample_size
+from semclust.errors import UserError
+from semclust.index.exact import similarity_space
+from semclust.index.faiss_ops import to_gpus
+from semclust.rundir.embeddings import ShardSet, read_checked, sample_rows, sample_size
 
 log = logging.getLogger(__name__)
 
-INDEX_KINDS = ("flat", "ivf_flat", "ivf_pq", "hnsw")
 # Candidate IVF-PQ code sizes (bytes per vector, 8 bits per sub-quantizer), largest first.
 _PQ_BYTES = (1024, 512, 384, 256, 192, 128, 96, 64, 48, 32, 24, 16, 12, 8, 4, 2, 1)
 _MIN_POINTS_PER_LIST = 39  # FAISS's own floor for k-means training
@@ -132,7 +133,7 @@ def choose_spec(
     ``auto`` picks, in order: ``flat`` up to ``flat_max_rows`` (exact, and fast enough there);
     on CPU ``hnsw`` up to ``hnsw_max_rows`` and ``hnsw_max_dim`` (fastest queries at high recall;
     its build cost grows with both); ``ivf_flat``; then ``ivf_pq`` with the most bytes per vector
-    that fit. A budget no type fits, or an explicit type over it, raises ``ValueError``.
+    that fit. A budget no type fits, or an explicit type over it, raises ``UserError``.
     """
     lists = nlist or auto_nlist(n)
     lists = max(1, min(lists, n))
@@ -150,7 +151,7 @@ def choose_spec(
 
     pq_options = [pq_m] if pq_m else pq_candidates(dim)
     if pq_m and dim % pq_m:
-        raise ValueError(f"index.pq_m={pq_m} must divide the embedding dimension {dim}")
+        raise UserError(f"index.pq_m={pq_m} must divide the embedding dimension {dim}")
     if kind != "auto":
         if kind == "hnsw" and gpu:
             log.info("HNSW is a CPU index: it is built and searched on CPU")
@@ -160,7 +161,7 @@ def choose_spec(
             chosen = spec(kind, fitting[0] if fitting else pq_options[-1])
         need = chosen.memory_bytes(n)
         if memory is not None and need > memory:
-            raise ValueError(
+            raise UserError(
                 f"index.type={kind} ({chosen.factory}) needs about {_fmt(need)} for {n} vectors "
                 f"of dimension {dim}, over the index memory budget of {_fmt(memory)}; raise "
                 "--index-memory or use --index-type auto"
@@ -177,7 +178,7 @@ def choose_spec(
         if memory is None or candidate.memory_bytes(n) <= memory:
             return candidate
     smallest = min(order, key=lambda s: s.memory_bytes(n))
-    raise ValueError(
+    raise UserError(
         f"no index type fits {n} vectors of dimension {dim} in an index memory budget of "
         f"{_fmt(memory or 0)}: the smallest, {smallest.factory}, needs about "
         f"{_fmt(smallest.memory_bytes(n))}; raise --index-memory to at least that"
@@ -222,8 +223,6 @@ def build_index(
         ivf = faiss.extract_index_ivf(index)
         ivf.cp.seed = seed
         if gpus:
-            from semclust.clustering.faiss_ops import to_gpus
-
             ivf.clustering_index = to_gpus(faiss.IndexFlatL2(spec.dim), shard=False)
         index.train(sample)
         stats.update(train_rows=len(sample), train_seconds=round(time.perf_counter() - start, 3))

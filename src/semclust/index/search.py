@@ -16,16 +16,23 @@ from typing import Any
 import numpy as np
 
 from semclust import runinfo, storage
-from semclust.clustering.exact import similarity_space
-from semclust.clustering.faiss_ops import (
+from semclust.embed.decode import ImageDecodeError, decode_image
+from semclust.errors import UserError
+from semclust.index.exact import similarity_space
+from semclust.index.factory import IndexSpec
+from semclust.index.faiss_ops import (
     load_index,
     resolve_gpus,
     set_search_params,
     to_gpus,
 )
-from semclust.embed.decode import ImageDecodeError, decode_image
-from semclust.index.build import FORMAT, INDEX_DIR, INDEX_FILE
-from semclust.index.factory import IndexSpec
+from semclust.rundir.tables import (
+    INDEX_FILE,
+    INDEX_FORMAT,
+    INDEX_META,
+    index_file,
+    read_index_ids,
+)
 
 log = logging.getLogger(__name__)
 
@@ -57,33 +64,32 @@ class SearchIndex:
         backbone: str | None = None,
         device: str = "auto",
     ) -> None:
-        index_dir = storage.join(run_dir, INDEX_DIR)
-        meta_uri = storage.join(index_dir, "meta.json")
+        meta_uri = index_file(run_dir, INDEX_META)
         if not storage.exists(meta_uri):
-            raise ValueError(f"{run_dir!r} has no complete index: run `semclust index` first")
+            raise UserError(f"{run_dir!r} has no complete index: run `semclust index` first")
         self.meta: dict[str, Any] = storage.read_json(meta_uri)
-        if self.meta.get("format") != FORMAT:
-            raise ValueError(
+        if self.meta.get("format") != INDEX_FORMAT:
+            raise UserError(
                 f"the index in {run_dir!r} was built by an older semclust; rebuild it with "
                 f"`semclust index --run-dir {run_dir} --mode overwrite`"
             )
         built_from = self.meta["embedder"]
         current = runinfo.load(run_dir).get("stages", {}).get("embed", {}).get("embedder")
         if current and current != built_from:
-            raise ValueError(
+            raise UserError(
                 f"the index in {run_dir!r} was built from {built_from['backbone']} embeddings "
                 f"({built_from['weights']} weights) but the run's embeddings now come from "
                 f"{current['backbone']} ({current['weights']}); rebuild it with `semclust index "
                 f"--run-dir {run_dir} --mode overwrite`"
             )
         if backbone is not None and backbone != built_from["backbone"]:
-            raise ValueError(
+            raise UserError(
                 f"the index in {run_dir!r} holds {built_from['backbone']} embeddings, not "
                 f"{backbone}: queries must be embedded by the backbone the run used; search "
                 "another run directory or leave --backbone out"
             )
         self.spec = IndexSpec(**{k: v for k, v in self.meta["spec"].items() if k != "factory"})
-        self.cpu_index = load_index(storage.join(index_dir, INDEX_FILE))
+        self.cpu_index = load_index(index_file(run_dir, INDEX_FILE))
         self.index = self.cpu_index
         gpus = resolve_gpus(device, "search") if self.spec.kind != "hnsw" else 0
         if gpus:
@@ -102,11 +108,9 @@ class SearchIndex:
             ef_search=ef_search or self.meta.get("ef_search"),
             on_gpu=gpus > 0,
         )
-        ids = storage.read_parquet(storage.join(index_dir, "ids.parquet"), ["image_id", "uri"])
-        self.image_ids = ids.column("image_id").to_numpy()
-        self.uris = ids.column("uri").combine_chunks()
+        self.image_ids, self.uris = read_index_ids(run_dir)
         if len(self.image_ids) != self.index.ntotal:
-            raise ValueError(
+            raise UserError(
                 f"index/ids.parquet has {len(self.image_ids)} rows but the index holds "
                 f"{self.index.ntotal}; rebuild with `semclust index --mode overwrite`"
             )
@@ -117,7 +121,7 @@ class SearchIndex:
     def embedder(self) -> Any:
         """The run's own backbone, with the run's own settings (built on first use)."""
         if self._embedder is None:
-            from semclust.embed.pipeline import EmbedderSpec
+            from semclust.embed.actors import EmbedderSpec
 
             self._embedder = EmbedderSpec(**self.meta["embedder"]).build()
         return self._embedder
@@ -125,7 +129,7 @@ class SearchIndex:
     def search_vectors(self, vectors: np.ndarray, k: int) -> list[list[Hit]]:
         """Top-k hits for each float32 (n, D) query vector, most similar first."""
         if vectors.ndim != 2 or vectors.shape[1] != self.meta["dim"]:
-            raise ValueError(
+            raise UserError(
                 f"query vectors have shape {vectors.shape} but the index holds "
                 f"{self.meta['dim']}-d embeddings"
             )
@@ -159,7 +163,7 @@ class SearchIndex:
         rows = self._id_order[pos]
         missing = wanted[self.image_ids[rows] != wanted]
         if len(missing):
-            raise ValueError(f"image_id {int(missing[0])} is not in this run's index")
+            raise UserError(f"image_id {int(missing[0])} is not in this run's index")
         return np.stack([self.cpu_index.reconstruct(int(r)) for r in rows]).astype(np.float32)
 
     def search_ids(self, image_ids: list[int], k: int) -> list[list[Hit]]:
@@ -178,7 +182,7 @@ class SearchIndex:
                         storage.read_bytes(uri), spec["input_size"], spec["resize"]
                     )
                 except (ImageDecodeError, OSError) as exc:
-                    raise ValueError(f"query image {uri!r} cannot be used: {exc}") from exc
+                    raise UserError(f"query image {uri!r} cannot be used: {exc}") from exc
                 pixels.append(decoded.pixels)
             out.extend(self.search_vectors(self.embedder.embed(np.stack(pixels)), k))
         return out
@@ -186,7 +190,7 @@ class SearchIndex:
 
 def expand_queries(paths: list[str]) -> list[str]:
     """Files and URIs as given; folders (local or object storage) expanded to their images."""
-    from semclust.embed.pipeline import list_images
+    from semclust.embed.sources import list_images
 
     out: list[str] = []
     for p in paths:
@@ -195,7 +199,7 @@ def expand_queries(paths: list[str]) -> list[str]:
         elif storage.exists(p):
             out.append(p if storage.is_remote(p) else str(Path(p).resolve()))
         else:
-            raise ValueError(f"query image {p!r} does not exist")
+            raise UserError(f"query image {p!r} does not exist")
     if not out:
-        raise ValueError("no query images given")
+        raise UserError("no query images given")
     return out

@@ -1,6 +1,5 @@
-"""Labelling: reference images, seed labels and cluster names -> ``labels/``."""
+"""Labelling: reference images, seed labels and cluster names -> ``labels/``.
 
-from semclust.config import LabelConfig
-from semclust.label.stage import run_label, run_label_command
-
-__all__ = ["LabelConfig", "run_label", "run_label_command"]
+The stage is ``semclust.label.stage``; ``refs``, ``seeds`` and ``names`` are its three modes and
+``common`` what they share (the run's kNN graph, the labels/ writer).
+"""

@@ -3,85 +3,22 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from semclust import storage
-from semclust.clustering.shards import embedding_shards, read_checked, rows_of_ids
+from semclust import runinfo, storage
+from semclust.errors import UserError
+from semclust.rundir import schemas
+from semclust.rundir.embeddings import RunRows
+from semclust.rundir.layout import LABELS
+from semclust.rundir.tables import iter_knn
 
 log = logging.getLogger(__name__)
 
-LABELS_DIR = "labels"
 UNKNOWN = "unknown"
-LABELS_SCHEMA = pa.schema(
-    [
-        ("image_id", pa.int64()),
-        ("label", pa.string()),
-        ("confidence", pa.float32()),
-        ("source", pa.string()),
-    ]
-)
-
-
-@dataclass
-class RunRows:
-    """Every embedded row of a run, in shard order: ids int64 (n,), shard URIs and offsets.
-
-    Only ids are held (8 bytes a row); embeddings are read shard by shard when needed.
-    """
-
-    ids: np.ndarray
-    shard_uris: list[str]
-    offsets: np.ndarray  # int64 (shards + 1,)
-    dim: int
-
-    def __post_init__(self) -> None:
-        self._order = np.argsort(self.ids, kind="stable")
-
-    @classmethod
-    def load(cls, run_dir: str) -> RunRows:
-        shards = embedding_shards(run_dir)
-        parts = [storage.read_parquet(u, ["image_id"]).column("image_id") for u in shards.uris]
-        ids = np.concatenate([p.to_numpy() for p in parts]) if parts else np.empty(0, np.int64)
-        offsets = np.concatenate([[0], np.cumsum([len(p) for p in parts])]).astype(np.int64)
-        return cls(ids, list(shards.uris), offsets, shards.dim)
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def rows_of(self, image_ids: np.ndarray) -> np.ndarray:
-        """Rows int64 (same shape) of image ids; -1 for ids that are not in the run."""
-        return rows_of_ids(self.ids, self._order, image_ids)
-
-    def shards(self) -> Iterator[tuple[str, slice]]:
-        """(embeddings shard URI, its rows) in order."""
-        for i, uri in enumerate(self.shard_uris):
-            yield uri, slice(int(self.offsets[i]), int(self.offsets[i + 1]))
-
-    def embeddings(self) -> Iterator[tuple[str, slice, np.ndarray]]:
-        """(shard URI, its rows, L2-normalised embeddings float32 (rows, D)) shard by shard."""
-        from semclust.clustering.shards import normalize_rows
-
-        for uri, rows in self.shards():
-            ids, vectors = read_checked(uri, self.dim)
-            if not np.array_equal(ids, self.ids[rows]):
-                raise RuntimeError(f"{uri} changed while labelling; run `semclust label` again")
-            yield uri, rows, normalize_rows(vectors)
-
-    def gather(self, rows: np.ndarray) -> np.ndarray:
-        """L2-normalised embeddings float32 (m, D) of the given rows (any order), streamed."""
-        rows = np.asarray(rows, dtype=np.int64)
-        out = np.empty((len(rows), self.dim), dtype=np.float32)
-        for _, span, vectors in self.embeddings():
-            inside = (rows >= span.start) & (rows < span.stop)
-            if inside.any():
-                out[inside] = vectors[rows[inside] - span.start]
-        return out
 
 
 def uri_key(uri: str) -> int:
@@ -100,10 +37,10 @@ def read_uri_labels(uri: str) -> tuple[list[str], list[str]]:
     elif uri.endswith(".parquet") or storage.is_dir(uri):
         table = storage.read_parquet(uri)
     else:
-        raise ValueError(f"seed labels file {uri!r} must be a .parquet or .csv file")
+        raise UserError(f"seed labels file {uri!r} must be a .parquet or .csv file")
     missing = {"uri", "label"} - set(table.column_names)
     if missing:
-        raise ValueError(f"{uri!r} needs columns uri and label; missing {sorted(missing)}")
+        raise UserError(f"{uri!r} needs columns uri and label; missing {sorted(missing)}")
     table = table.filter(pc.is_valid(table.column("label")))
     return [str(u) for u in table["uri"].to_pylist()], [str(v) for v in table["label"].to_pylist()]
 
@@ -116,26 +53,19 @@ def read_graph(
     ``max_neighbors`` keeps each row's nearest ones only."""
     import scipy.sparse as sp
 
-    from semclust import runinfo
-    from semclust.clustering.knn import KNN_DIR
-
-    uris = storage.list_shards(storage.join(run_dir, KNN_DIR))
-    if not uris:
-        return None
     src_parts, dst_parts, sim_parts = [], [], []
-    for uri in uris:
-        table = storage.read_parquet(uri, ["image_id", "neighbors", "similarities"])
-        k = table.schema.field("neighbors").type.list_size
-        m = min(k, max_neighbors or k)
-        src = rows.rows_of(table.column("image_id").to_numpy())
-        neighbours = pc.list_flatten(table.column("neighbors").combine_chunks()).to_numpy()
-        dst = rows.rows_of(neighbours.reshape(-1, k)[:, :m])
-        sims = pc.list_flatten(table.column("similarities").combine_chunks()).to_numpy()
-        sims = sims.reshape(-1, k)[:, :m]
+    for part in iter_knn(run_dir):
+        m = min(part.k, max_neighbors or part.k)
+        assert part.similarities is not None
+        src = rows.rows_of(part.ids)
+        dst = rows.rows_of(part.neighbors[:, :m])
+        sims = part.similarities[:, :m]
         ok = (src[:, None] >= 0) & (dst >= 0) & np.isfinite(sims)
         src_parts.append(np.broadcast_to(src[:, None], dst.shape)[ok])
         dst_parts.append(dst[ok])
         sim_parts.append(sims[ok].astype(np.float32))
+    if not src_parts:
+        return None
     n = len(rows)
     graph = sp.csr_matrix(
         (np.concatenate(sim_parts), (np.concatenate(src_parts), np.concatenate(dst_parts))),
@@ -163,7 +93,8 @@ class LabelWriter:
     """Writes ``labels/part-NNNNN.parquet``, one shard per embeddings shard (same number)."""
 
     def __init__(self, run_dir: str) -> None:
-        self.dir = storage.join(run_dir, LABELS_DIR)
+        # labels/ is rewritten whole every time: shards of an earlier labelling must not survive.
+        self.dir = storage.join(run_dir, LABELS)
         storage.remove_tree(self.dir)
         self.written = 0
         self._counts: dict[str, int] = {}
@@ -184,7 +115,7 @@ class LabelWriter:
                 "confidence": pa.array(np.asarray(confidence, dtype=np.float32), pa.float32()),
                 "source": pa.array([str(v) for v in source], pa.string()),
             },
-            schema=LABELS_SCHEMA,
+            schema=schemas.LABELS,
         )
         name = shard_uri.rsplit("/", 1)[-1]
         storage.write_parquet(storage.join(self.dir, name), table)

@@ -13,35 +13,36 @@ import numpy as np
 import yaml
 
 from semclust import storage
+from semclust.errors import UserError
 from semclust.label.common import UNKNOWN
 
 
 def read_names(uri: str, k: int) -> dict[int, str]:
     """Cluster id -> name from a YAML mapping; ids must be integers in [0, k)."""
     if not storage.exists(uri):
-        raise ValueError(f"names file {uri!r} does not exist")
+        raise UserError(f"names file {uri!r} does not exist")
     try:
         data = yaml.safe_load(storage.read_bytes(uri).decode("utf-8"))
     except yaml.YAMLError as exc:
-        raise ValueError(f"names file {uri!r} is not valid YAML: {exc}") from None
+        raise UserError(f"names file {uri!r} is not valid YAML: {exc}") from None
     if not isinstance(data, dict) or not data:
-        raise ValueError(f"names file {uri!r} must be a YAML mapping of cluster id -> name")
+        raise UserError(f"names file {uri!r} must be a YAML mapping of cluster id -> name")
     out: dict[int, str] = {}
     for key, value in data.items():
         try:
             cluster = int(key)
         except (TypeError, ValueError):
-            raise ValueError(f"names file {uri!r}: cluster id {key!r} is not an integer") from None
+            raise UserError(f"names file {uri!r}: cluster id {key!r} is not an integer") from None
         if isinstance(key, bool) or not 0 <= cluster < k or str(cluster) != str(key).strip():
-            raise ValueError(
+            raise UserError(
                 f"names file {uri!r}: cluster id {key!r} is not one of the run's clusters "
                 f"0..{k - 1}"
             )
         if not isinstance(value, (str, int, float)) or not str(value).strip():
-            raise ValueError(f"names file {uri!r}: cluster {cluster} needs a non-empty name")
+            raise UserError(f"names file {uri!r}: cluster {cluster} needs a non-empty name")
         name = str(value).strip()
         if name == UNKNOWN:
-            raise ValueError(f"names file {uri!r}: {UNKNOWN!r} is reserved; leave the cluster out")
+            raise UserError(f"names file {uri!r}: {UNKNOWN!r} is reserved; leave the cluster out")
         out[cluster] = name
     return out
 

@@ -24,7 +24,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from semclust import runinfo, storage
-from semclust.label.common import UNKNOWN, LabelWriter, RunRows, read_graph
+from semclust.errors import UserError
+from semclust.label.common import UNKNOWN, LabelWriter, read_graph
+from semclust.rundir.embeddings import RunRows
 
 if TYPE_CHECKING:
     from semclust.config import LabelConfig
@@ -43,7 +45,7 @@ def list_references(refs: str) -> dict[str, list[str]]:
     from semclust.embed.sources import list_images
 
     if not storage.exists(refs):
-        raise ValueError(f"reference folder {refs!r} does not exist")
+        raise UserError(f"reference folder {refs!r} does not exist")
     root = refs if storage.is_remote(refs) else storage.canonical_uri(refs)
     root = root.rstrip("/") + "/"
     classes: dict[str, list[str]] = {}
@@ -55,14 +57,14 @@ def list_references(refs: str) -> dict[str, list[str]]:
             continue
         classes.setdefault(rel.split("/", 1)[0], []).append(uri)
     if loose:
-        raise ValueError(
+        raise UserError(
             f"{len(loose)} reference image(s) directly in {refs!r} (e.g. {loose[0]}); put each "
             "class's images in a sub-folder named after the class"
         )
     if len(classes) < 1:
-        raise ValueError(f"no reference images under {refs!r}: one sub-folder per class expected")
+        raise UserError(f"no reference images under {refs!r}: one sub-folder per class expected")
     if UNKNOWN in classes:
-        raise ValueError(f"a reference class may not be named {UNKNOWN!r}")
+        raise UserError(f"a reference class may not be named {UNKNOWN!r}")
     return dict(sorted(classes.items()))
 
 
@@ -73,12 +75,12 @@ def embed_references(
 
     Embedded like the run's images: its recorded embedder settings and decoding.
     """
+    from semclust.embed.actors import EmbedderSpec
     from semclust.embed.decode import ImageDecodeError, decode_image
-    from semclust.embed.pipeline import EmbedderSpec
 
     record = runinfo.load(run_dir).get("stages", {}).get("embed", {}).get("embedder")
     if not record:
-        raise ValueError(f"{run_dir!r} has no embedder record in run.json: run `semclust embed`")
+        raise UserError(f"{run_dir!r} has no embedder record in run.json: run `semclust embed`")
     spec = EmbedderSpec(**record)
     embedder = spec.build()
     names = list(refs)
@@ -93,7 +95,7 @@ def embed_references(
                     decode_image(storage.read_bytes(uri), spec.input_size, spec.resize).pixels
                 )
             except (ImageDecodeError, OSError) as exc:
-                raise ValueError(f"reference image {uri!r} cannot be used: {exc}") from exc
+                raise UserError(f"reference image {uri!r} cannot be used: {exc}") from exc
         out.append(embedder.embed(np.stack(pixels)))
     emb = np.concatenate(out).astype(np.float32)
     emb /= np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
@@ -138,7 +140,7 @@ def class_thresholds(
     if fixed is not None:
         return np.full(len(ref_sim), fixed, dtype=np.float64)
     if np.isnan(ref_sim).all():
-        raise ValueError(
+        raise UserError(
             "every reference class has a single image, so no similarity threshold can be "
             "derived: add a second image to some class or set label.unknown_threshold"
         )
@@ -154,55 +156,19 @@ def label_with_references(
     refs = list_references(lc.refs)
     names, ref_emb, ref_index = embed_references(run_dir, refs)
     if ref_emb.shape[1] != rows.dim:
-        raise ValueError(
+        raise UserError(
             f"reference embeddings are {ref_emb.shape[1]}-d but the run's are {rows.dim}-d"
         )
     C = len(names)
     protos = prototypes(ref_emb, ref_index, C)
     ref_sim = reference_similarity(ref_emb, ref_index, C)
-    # Pass 1: each row's candidate class and its similarity; background on a seeded sample.
-    n = len(rows)
-    candidate = np.empty(n, dtype=np.int64)
-    best_sim = np.empty(n, dtype=np.float32)
-    rng = np.random.default_rng(lc.seed)
-    sample = np.zeros(n, dtype=bool)
-    sample[rng.choice(n, size=min(n, _BACKGROUND_SAMPLE), replace=False)] = True
-    background_sims = []
-    k = int(clusters.max()) + 1 if clusters is not None and (clusters >= 0).any() else 0
-    centroid_sums = np.zeros((k, rows.dim), dtype=np.float64)
-    for _, span, vectors in rows.embeddings():
-        sims = vectors @ protos.T
-        candidate[span] = np.argmax(sims, axis=1)
-        best_sim[span] = sims.max(axis=1)
-        background_sims.append(sims[sample[span]])
-        if k:
-            c = clusters[span]
-            ok = c >= 0
-            np.add.at(centroid_sums, c[ok], vectors[ok])
-    background = np.median(np.concatenate(background_sims), axis=0)
+    candidate, best_sim, background, centroid_sums = _candidates(rows, protos, clusters, lc.seed)
     thresholds = class_thresholds(ref_sim, background, lc.unknown_position, lc.unknown_threshold)
     known = best_sim >= thresholds[candidate]
     vote_class = np.where(known, candidate, C)  # C = unknown
-    # Pass 2: a vote over each row and its graph neighbours.
     graph = read_graph(run_dir, rows, lc.vote_k)
-    if graph is None:
-        log.warning("label: the run has no kNN graph; each image keeps its own candidate")
-        votes = np.zeros((n, C + 1), dtype=np.float32)
-        votes[np.arange(n), vote_class] = 1.0
-    else:
-        import scipy.sparse as sp
-
-        g = graph[0].copy()
-        g.data = np.maximum(g.data, 0.0) if graph[1] == "cosine" else np.ones_like(g.data)
-        onehot = sp.csr_matrix(
-            (np.ones(n, dtype=np.float32), (np.arange(n), vote_class)), shape=(n, C + 1)
-        )
-        votes = np.asarray((g @ onehot + onehot).todense(), dtype=np.float32)
-    votes /= votes.sum(axis=1, keepdims=True)
-    winner = np.argmax(votes, axis=1)
-    confidence = votes[np.arange(n), winner]
-    label_names = np.asarray([*names, UNKNOWN], dtype=object)
-    labels = label_names[winner]
+    winner, confidence = _vote(graph, vote_class, C)
+    labels = np.asarray([*names, UNKNOWN], dtype=object)[winner]
     labels[confidence < lc.min_confidence] = UNKNOWN
     writer = LabelWriter(run_dir)
     for uri, span in rows.shards():
@@ -221,16 +187,71 @@ def label_with_references(
         "background_similarity": {
             name: round(float(b), 5) for name, b in zip(names, background, strict=True)
         },
-        "rows": n,
+        "rows": len(rows),
         "labels_written": writer.written,
         "classes": writer.summary(),
         "graph_vote": graph is not None,
     }
-    if k:
+    if len(centroid_sums):
+        assert clusters is not None
         record["clusters"] = _cluster_labels(
             centroid_sums, protos, thresholds, names, clusters, labels
         )
     return record
+
+
+def _candidates(
+    rows: RunRows, protos: np.ndarray, clusters: np.ndarray | None, seed: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """One pass over the embeddings: each row's nearest prototype int64 (n,) and its cosine
+    float32 (n,), each class's background similarity (C,) (the median over a seeded sample of
+    rows), and each cluster's sum of embeddings float64 (k, D) (k = 0 without clusters)."""
+    n = len(rows)
+    candidate = np.empty(n, dtype=np.int64)
+    best_sim = np.empty(n, dtype=np.float32)
+    sample = np.zeros(n, dtype=bool)
+    rng = np.random.default_rng(seed)
+    sample[rng.choice(n, size=min(n, _BACKGROUND_SAMPLE), replace=False)] = True
+    background_sims = []
+    k = int(clusters.max()) + 1 if clusters is not None and (clusters >= 0).any() else 0
+    centroid_sums = np.zeros((k, rows.dim), dtype=np.float64)
+    for _, span, vectors in rows.embeddings():
+        sims = vectors @ protos.T
+        candidate[span] = np.argmax(sims, axis=1)
+        best_sim[span] = sims.max(axis=1)
+        background_sims.append(sims[sample[span]])
+        if k:
+            assert clusters is not None
+            c = clusters[span]
+            ok = c >= 0
+            np.add.at(centroid_sums, c[ok], vectors[ok])
+    background = np.median(np.concatenate(background_sims), axis=0)
+    return candidate, best_sim, background, centroid_sums
+
+
+def _vote(
+    graph: tuple[Any, str] | None, vote_class: np.ndarray, classes: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(winning class int (n,), its share of the vote float32 (n,)) of a vote over each row and
+    its graph neighbours (weighted by similarity, the row itself by 1) among their classes
+    ``vote_class`` int (n,) in 0..classes (``classes`` = unknown)."""
+    n = len(vote_class)
+    if graph is None:
+        log.warning("label: the run has no kNN graph; each image keeps its own candidate")
+        votes = np.zeros((n, classes + 1), dtype=np.float32)
+        votes[np.arange(n), vote_class] = 1.0
+    else:
+        import scipy.sparse as sp
+
+        g = graph[0].copy()
+        g.data = np.maximum(g.data, 0.0) if graph[1] == "cosine" else np.ones_like(g.data)
+        onehot = sp.csr_matrix(
+            (np.ones(n, dtype=np.float32), (np.arange(n), vote_class)), shape=(n, classes + 1)
+        )
+        votes = np.asarray((g @ onehot + onehot).todense(), dtype=np.float32)
+    votes /= votes.sum(axis=1, keepdims=True)
+    winner = np.argmax(votes, axis=1)
+    return winner, votes[np.arange(n), winner]
 
 
 def _cluster_labels(

@@ -29,15 +29,16 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from semclust.config import parse_bytes
+from semclust.errors import UserError
 from semclust.label.common import (
     UNKNOWN,
     LabelWriter,
-    RunRows,
     edge_weights,
     read_graph,
     read_uri_labels,
     uri_key,
 )
+from semclust.rundir.embeddings import RunRows
 
 if TYPE_CHECKING:
     from semclust.config import LabelConfig
@@ -79,7 +80,7 @@ class HeadTrainer:
         self.initial_optimizer = [np.array(v) for v in self.model.optimizer.variables]
 
     def fit(self, x: np.ndarray, y: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
-        from semclust.clustering.refine import predict_in_batches
+        from semclust.clustering.heads import predict_in_batches
 
         self.model.set_weights(self.initial)
         for variable, value in zip(
@@ -155,7 +156,7 @@ def _folds(y: np.ndarray, folds: int, seed: int) -> list[tuple[np.ndarray, np.nd
     smallest = int(np.bincount(y).min())
     folds = min(folds, smallest)
     if folds < 2:
-        raise ValueError(
+        raise UserError(
             "seed labels: every class needs at least 2 labelled images for cross-validation "
             f"(the smallest has {smallest})"
         )
@@ -216,55 +217,14 @@ def cross_validate(
 
 def label_with_seeds(run_dir: str, lc: LabelConfig, rows: RunRows) -> dict[str, Any]:
     """Write labels/ from seed labels; returns the run.json record (CV accuracy, classes)."""
-    assert lc.seed_labels is not None
-    uris, labels = read_uri_labels(lc.seed_labels)
-    if not uris:
-        raise ValueError(f"seed labels file {lc.seed_labels!r} has no labelled rows")
-    found = rows.rows_of(np.array([uri_key(u) for u in uris], dtype=np.int64))
-    keep = found >= 0
-    if not keep.any():
-        raise ValueError(
-            f"none of the {len(uris)} images in {lc.seed_labels!r} is in the run (matched on uri; "
-            "write them exactly as embedded, e.g. s3://bucket/key or an absolute path)"
-        )
-    if (~keep).any():
-        log.warning(
-            "seed labels: %d of %d images are not in the run; ignored",
-            int((~keep).sum()),
-            len(uris),
-        )
-    seed_rows = found[keep]
-    seed_names = np.asarray(labels, dtype=object)[keep]
-    seed_rows, first = np.unique(seed_rows, return_index=True)  # an image listed twice counts once
-    seed_names = seed_names[first]
-    names, y = np.unique(seed_names.astype(str), return_inverse=True)
-    names = [str(v) for v in names]
-    if UNKNOWN in names:
-        raise ValueError(f"a seed label may not be {UNKNOWN!r}")
+    listed, seed_rows, names, y = _seeds_in_run(lc, rows)
     classes = len(names)
-    if classes < 2:
-        raise ValueError("seed labels need at least 2 classes")
     x = rows.gather(seed_rows)
-    n = len(rows)
-    operator = None
-    skipped = None
-    need = n * classes * 4 * 3  # F, Y and a product, float32
-    if need > parse_bytes(lc.max_propagation_memory):
-        skipped = f"needs about {need / 2**30:.1f} GiB > label.max_propagation_memory"
-    else:
-        graph = read_graph(run_dir, rows)
-        if graph is None:
-            skipped = "the run has no kNN graph"
-        else:
-            operator = propagation_operator(*graph)
-    if skipped:
-        log.warning(
-            "seed labels: label propagation skipped (%s); the head labels every image", skipped
-        )
+    operator, skipped = _propagation_operator(run_dir, rows, classes, lc)
     cv = cross_validate(x, y, seed_rows, classes, operator, lc)
     method = lc.method
     if method in ("propagation", "blend") and operator is None:
-        raise ValueError(
+        raise UserError(
             f"label.method={method} needs label propagation, which was skipped: {skipped}"
         )
     if method == "auto":
@@ -276,6 +236,84 @@ def label_with_seeds(run_dir: str, lc: LabelConfig, rows: RunRows) -> dict[str, 
         prop = propagate(
             operator, seed_rows, y, classes, lc.propagation_alpha, lc.propagation_iterations
         )
+    writer = _write_labels(run_dir, rows, lc, method, head, prop, seed_rows, y, names)
+    return {
+        "mode": "seed_labels",
+        "seed_labels": lc.seed_labels,
+        "seeds": {"listed": listed, "in_run": len(seed_rows), "classes": classes},
+        "cross_validation": cv,
+        "method": method,
+        "propagation": None
+        if skipped
+        else {"alpha": lc.propagation_alpha, "iterations": lc.propagation_iterations},
+        "propagation_skipped": skipped,
+        "rows": len(rows),
+        "labels_written": writer.written,
+        "classes": writer.summary(),
+    }
+
+
+def _seeds_in_run(lc: LabelConfig, rows: RunRows) -> tuple[int, np.ndarray, list[str], np.ndarray]:
+    """(seed images listed, their rows int64 (m,) in the run, class names, class int (m,)) of
+    the seed labels file; an image listed twice counts once."""
+    assert lc.seed_labels is not None
+    uris, labels = read_uri_labels(lc.seed_labels)
+    if not uris:
+        raise UserError(f"seed labels file {lc.seed_labels!r} has no labelled rows")
+    found = rows.rows_of(np.array([uri_key(u) for u in uris], dtype=np.int64))
+    keep = found >= 0
+    if not keep.any():
+        raise UserError(
+            f"none of the {len(uris)} images in {lc.seed_labels!r} is in the run (matched on uri; "
+            "write them exactly as embedded, e.g. s3://bucket/key or an absolute path)"
+        )
+    if (~keep).any():
+        log.warning(
+            "seed labels: %d of %d images are not in the run; ignored",
+            int((~keep).sum()),
+            len(uris),
+        )
+    seed_rows, first = np.unique(found[keep], return_index=True)
+    seed_names = np.asarray(labels, dtype=object)[keep][first]
+    unique, y = np.unique(seed_names.astype(str), return_inverse=True)
+    names = [str(v) for v in unique]
+    if UNKNOWN in names:
+        raise UserError(f"a seed label may not be {UNKNOWN!r}")
+    if len(names) < 2:
+        raise UserError("seed labels need at least 2 classes")
+    return len(uris), seed_rows, names, y
+
+
+def _propagation_operator(
+    run_dir: str, rows: RunRows, classes: int, lc: LabelConfig
+) -> tuple[Any | None, str | None]:
+    """(propagation operator, None), or (None, why propagation is skipped)."""
+    need = len(rows) * classes * 4 * 3  # F, Y and a product, float32
+    if need > parse_bytes(lc.max_propagation_memory):
+        skipped = f"needs about {need / 2**30:.1f} GiB > label.max_propagation_memory"
+    else:
+        graph = read_graph(run_dir, rows)
+        if graph is not None:
+            return propagation_operator(*graph), None
+        skipped = "the run has no kNN graph"
+    log.warning("seed labels: label propagation skipped (%s); the head labels every image", skipped)
+    return None, skipped
+
+
+def _write_labels(
+    run_dir: str,
+    rows: RunRows,
+    lc: LabelConfig,
+    method: str,
+    head: Callable[[np.ndarray], np.ndarray],
+    prop: np.ndarray | None,
+    seed_rows: np.ndarray,
+    y: np.ndarray,
+    names: list[str],
+) -> LabelWriter:
+    """labels/, shard by shard: the predicted label of every row (the head's, propagation's
+    or their blend), the seeds' own labels for the seeds."""
+    n = len(rows)
     is_seed = np.zeros(n, dtype=bool)
     is_seed[seed_rows] = True
     seed_class = np.full(n, -1, dtype=np.int64)
@@ -299,17 +337,4 @@ def label_with_seeds(run_dir: str, lc: LabelConfig, rows: RunRows) -> dict[str, 
         conf[seeds_here] = 1.0
         source[seeds_here] = "seed"
         writer.write(uri, rows.ids[span], lab, conf, source)
-    return {
-        "mode": "seed_labels",
-        "seed_labels": lc.seed_labels,
-        "seeds": {"listed": len(uris), "in_run": len(seed_rows), "classes": classes},
-        "cross_validation": cv,
-        "method": method,
-        "propagation": None
-        if skipped
-        else {"alpha": lc.propagation_alpha, "iterations": lc.propagation_iterations},
-        "propagation_skipped": skipped,
-        "rows": n,
-        "labels_written": writer.written,
-        "classes": writer.summary(),
-    }
+    return writer

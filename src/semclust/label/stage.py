@@ -7,79 +7,104 @@ part number of its embeddings shard; ``image_id`` int64, ``label`` string (``unk
 class fits), ``confidence`` float32 in [0, 1], ``source`` string (``refs``, ``seed``, ``head``,
 ``propagation``, ``blend``, ``names``). run.json gets a ``label`` record with the class summary
 (rows and mean confidence per label) and each mode's details.
+
+The stage contract (``semclust.stage``): ``settings``, ``run``, ``summary``, plus ``details``,
+the lines the CLI prints under the summary.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import asdict
 from typing import Any
 
 import numpy as np
 
-from semclust import runinfo, storage
-from semclust.clustering.shards import read_clusters
-from semclust.config import LabelConfig
-from semclust.label.common import LABELS_DIR, LabelWriter, RunRows
+from semclust import storage
+from semclust.context import RunContext
+from semclust.errors import UserError
+from semclust.label.common import LabelWriter
+from semclust.rundir.embeddings import RunRows, read_clusters
+from semclust.rundir.layout import LABELS, assignments_of
 
 log = logging.getLogger(__name__)
 
-STAGE = "label"
+_AUTO_ORDER = ("scan", "dec", "kmeans")  # assignments=auto: refined clusters first
 
 
-def _assignments_folder(run_dir: str, which: str) -> str | None:
-    from semclust.clustering.kmeans import ASSIGNMENTS_DIR
-
-    folders = {
-        "kmeans": ASSIGNMENTS_DIR,
-        "scan": f"{ASSIGNMENTS_DIR}_scan",
-        "dec": f"{ASSIGNMENTS_DIR}_dec",
-    }
-    present = {k: f for k, f in folders.items() if storage.list_shards(storage.join(run_dir, f))}
-    if which == "auto":
-        return next((present[k] for k in ("scan", "dec", "kmeans") if k in present), None)
-    return present.get(which)
+def assignments_folder(run_dir: str, which: str) -> str | None:
+    """The assignments folder the labels refer to (``label.assignments``), None when absent."""
+    methods = _AUTO_ORDER if which == "auto" else (which,)
+    for method in methods:
+        folder = assignments_of(method)
+        if storage.list_shards(storage.join(run_dir, folder)):
+            return folder
+    return None
 
 
-def run_label(run_dir: str, lc: LabelConfig) -> dict[str, Any]:
-    """Label a run's images; writes labels/ and the run.json ``label`` record, returned."""
+def settings(ctx: RunContext) -> dict[str, Any]:
+    """The label section; stops on a missing mode, input file or assignments folder."""
+    lc = ctx.cfg.label
+    # Checked here, not in LabelConfig: as a section of the run config it is empty by default.
+    if lc.refs is None and lc.seed_labels is None and lc.names is None:
+        raise UserError("label needs --refs, --seed-labels or --names (or names with one)")
+    for what, uri in (
+        ("reference folder", lc.refs),
+        ("seed labels file", lc.seed_labels),
+        ("names file", lc.names),
+    ):
+        if uri is not None and not storage.exists(uri):
+            raise UserError(f"{what} {uri!r} does not exist")
+    folder = assignments_folder(ctx.run_dir, lc.assignments)
+    if folder is None and (lc.names is not None or lc.assignments != "kmeans"):
+        raise UserError(
+            f"{ctx.run_dir!r} has no {lc.assignments} assignments: run `semclust cluster` (or "
+            "`semclust refine`) first"
+        )
+    return asdict(lc)
+
+
+def run(ctx: RunContext) -> dict[str, Any]:
+    """Label the run's images: writes labels/; returns the record (mode, classes, details)."""
     from semclust.label import names as names_mode
     from semclust.label.refs import label_with_references
     from semclust.label.seeds import label_with_seeds
 
-    # Checked here, not in LabelConfig: as a section of the run config it is empty by default.
-    if lc.refs is None and lc.seed_labels is None and lc.names is None:
-        raise ValueError("label needs --refs, --seed-labels or --names (or names with one)")
-    start = time.perf_counter()
+    run_dir, lc = ctx.run_dir, ctx.cfg.label
     rows = RunRows.load(run_dir)
-    folder = _assignments_folder(run_dir, lc.assignments)
-    if folder is None and (lc.names is not None or lc.assignments != "kmeans"):
-        raise ValueError(
-            f"{run_dir!r} has no {lc.assignments} assignments: run `semclust cluster` (or "
-            "`semclust refine`) first"
-        )
+    folder = assignments_folder(run_dir, lc.assignments)
     clusters = read_clusters(run_dir, folder, rows) if folder else None
-    runinfo.update_stage(
-        run_dir, STAGE, {"status": "running", "settings": asdict(lc)}, {STAGE: asdict(lc)}
-    )
     record: dict[str, Any] = {"assignments": folder}
     if lc.refs is not None:
         record.update(label_with_references(run_dir, lc, clusters, rows))
     elif lc.seed_labels is not None:
         record.update(label_with_seeds(run_dir, lc, rows))
     if lc.names is not None:
-        assert clusters is not None
-        k = int(clusters.max()) + 1
-        named = names_mode.read_names(lc.names, k)
+        assert clusters is not None  # settings() refused names without assignments
+        named = names_mode.read_names(lc.names, int(clusters.max()) + 1)
         record["names"] = names_mode.summary(named, clusters)
         record["classes"] = _apply_names(run_dir, rows, clusters, named, fresh="mode" not in record)
         record.setdefault("mode", "names")
         if record["mode"] != "names":
             record["mode"] += "+names"
-    record.update(status="done", settings=asdict(lc), seconds=round(time.perf_counter() - start, 3))
-    runinfo.update_stage(run_dir, STAGE, record, {STAGE: asdict(lc)})
     return record
+
+
+def summary(record: dict[str, Any]) -> str:
+    return f"label ({record['mode']}): {record.get('rows', '-')} rows"
+
+
+def details(record: dict[str, Any]) -> list[str]:
+    """The cross-validated accuracy (seed labels) and the class table, for the terminal (which
+    indents each line under the summary)."""
+    lines = []
+    if "cross_validation" in record:
+        cv = record["cross_validation"]["accuracy"]
+        lines.append(f"cross-validated accuracy: {cv} -> {record['method']}")
+    lines.append(f"{'label':<24} {'count':>8} {'mean conf':>9}")
+    for label, info in record["classes"].items():
+        lines.append(f"{label:<24} {info['count']:>8} {info['mean_confidence']:>9.3f}")
+    return lines
 
 
 def _apply_names(
@@ -90,7 +115,7 @@ def _apply_names(
 
     previous = {}
     if not fresh:
-        for uri in storage.list_shards(storage.join(run_dir, LABELS_DIR)):
+        for uri in storage.list_shards(storage.join(run_dir, LABELS)):
             previous[uri.rsplit("/", 1)[-1]] = storage.read_parquet(uri)
     writer = LabelWriter(run_dir)
     for uri, span in rows.shards():
@@ -118,21 +143,3 @@ def _apply_names(
         if keep.any():
             writer.write(uri, ids[keep], labels[keep], confidence[keep], source[keep])
     return writer.summary()
-
-
-# --- command line --------------------------------------------------------------------------------
-
-
-def run_label_command(cfg: Any) -> int:
-    """``semclust label`` with a RunConfig: prints the class summary."""
-    if not cfg.run_dir:
-        raise ValueError("no run directory given: pass --run-dir")
-    record = run_label(cfg.run_dir, cfg.label)
-    print(f"label ({record['mode']}): {record.get('rows', '-')} rows, {record['seconds']:.1f} s")
-    if "cross_validation" in record:
-        cv = record["cross_validation"]["accuracy"]
-        print(f"  cross-validated accuracy: {cv} -> {record['method']}")
-    print(f"  {'label':<24} {'count':>8} {'mean conf':>9}")
-    for label, info in record["classes"].items():
-        print(f"  {label:<24} {info['count']:>8} {info['mean_confidence']:>9.3f}")
-    return 0

@@ -1,7 +1,11 @@
-"""The report stage: a static, self-contained HTML review of a run (see ``build_report``)."""
+"""The report stage: a static, self-contained HTML review of a run.
+
+``stage`` is the stage (settings / run / summary), ``build.build_report`` the work: ``collect``
+and ``findings`` read what the pages show (in Ray tasks where it is large), ``thumbs`` makes
+the thumbnails, ``map2d`` the 2-D map, and ``views``, ``markup``, ``render`` and ``overview``
+the HTML.
+"""
 
 from semclust.report.build import build_report
-from semclust.report.cli import add_report_arguments, run_report_command
-from semclust.report.options import ReportOptions
 
-__all__ = ["ReportOptions", "add_report_arguments", "build_report", "run_report_command"]
+__all__ = ["build_report"]

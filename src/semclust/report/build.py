@@ -1,138 +1,186 @@
-"""The report stage: a run directory -> ``report/`` (static HTML, thumbnails, a 2-D map).
+"""Building the report: a run directory -> ``report/`` (static HTML, thumbnails, a 2-D map).
 
 The driver only ever holds per-cluster figures, the few hundred images per page it shows, and
-the map sample; reading shards and making thumbnails run in Ray tasks.
+the map sample; reading shards and making thumbnails run in Ray tasks (``RunContext.remote``).
+The stage around it is ``semclust.report.stage``.
 """
 
 from __future__ import annotations
 
 import logging
 import posixpath
-import time
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
 import numpy as np
 
 from semclust import __version__, runinfo, storage
-from semclust.config import RayConfig
+from semclust.clustering import model as kmeans_model
+from semclust.config import ReportConfig
 from semclust.embed.decode import DEFAULT_MAX_PIXELS
-from semclust.report import collect
+from semclust.errors import UserError
+from semclust.report import collect, facts, findings
 from semclust.report.files import write_file
 from semclust.report.map2d import project_2d, render_map, umap_available
-from semclust.report.options import ReportOptions
+from semclust.report.overview import index_page
 from semclust.report.paths import PathDisplay
-from semclust.report.render import (
-    ClusterView,
-    MapView,
-    ReportView,
-    cluster_page,
-    duplicates_page,
-    failures_page,
-    fmt,
-    index_page,
-    page_name,
-)
-from semclust.report.thumbs import make_thumbnails, thumb_relpath
+from semclust.report.render import cluster_page, duplicates_page, failures_page
+from semclust.report.thumbs import ThumbnailResult, make_thumbnails, thumb_relpath
+from semclust.report.views import ClusterView, MapView, ReportView, page_name
+from semclust.rundir.labels import read_failures
+from semclust.rundir.layout import ASSIGNMENTS, METRICS, REPORT
 
 log = logging.getLogger(__name__)
 
-REPORT_DIR = "report"
 MAP_FILE = "map.png"
 _MAP_LABELS = 30  # clusters named on the map (the largest)
 
-# Settings worth seeing next to the results, as (section, key).
-_SHOWN_SETTINGS = (
-    ("embed", "backbone"),
-    ("embed", "weights"),
-    ("embed", "image_size"),
-    ("embed", "resize"),
-    ("embed", "normalize"),
-    ("cluster", "k"),
-    ("cluster", "spherical"),
-    ("cluster", "niter"),
-    ("cluster", "nredo"),
-    ("cluster", "seed"),
-    ("graph", "k"),
-    ("graph", "metric"),
-    ("index", "type"),
-)
+
+def check_inputs(run_dir: str) -> None:
+    """Stop, with what to run first, when the run has no complete k-means model or no
+    assignments (the report's galleries are the k-means clusters)."""
+    if not kmeans_model.is_complete(run_dir):
+        raise UserError(
+            f"{run_dir!r} has no complete k-means model: run `semclust cluster` before "
+            "`semclust report`"
+        )
+    if not storage.list_shards(storage.join(run_dir, ASSIGNMENTS)):
+        raise UserError(
+            f"no assignments in {run_dir!r}: run `semclust cluster` (or `semclust run`) before "
+            "`semclust report`"
+        )
 
 
 def build_report(
-    run_dir: str,
-    out_dir: str | None = None,
-    *,
-    options: ReportOptions | None = None,
-    ray_config: RayConfig | None = None,
-) -> str:
-    """Write the HTML report of a run directory; returns the URI of its ``index.html``.
+    run_dir: str, options: ReportConfig | None = None, *, remote: collect.Remote | None = None
+) -> dict[str, Any]:
+    """Write the HTML report of a run directory; returns what the stage records in run.json:
+    ``uri`` (of its ``index.html``), counts and timings.
 
-    ``out_dir`` (a local folder or an ``s3://`` prefix) defaults to ``<run_dir>/report``.
+    ``options.out`` (a local folder or an ``s3://`` prefix) defaults to ``<run_dir>/report``.
     Thumbnails already there are reused. The run needs ``embeddings/``, ``model/`` and
     ``assignments/``; ``metrics.json``, ``model/k_selection.json``, ``labels/`` and
-    ``duplicates/`` are shown when present. A ``report`` record is added to ``run.json``.
+    ``duplicates/`` are shown when present. ``remote`` makes the Ray tasks
+    (``RunContext.remote``); by default one bound to the storage settings in force.
     """
-    from semclust.ray_runtime import ensure_ray
-
-    opts = options or ReportOptions()
-    start = time.perf_counter()
-    if not storage.exists(run_dir):
-        raise ValueError(f"run directory {run_dir!r} does not exist")
-    out = out_dir or storage.join(run_dir, REPORT_DIR)
+    opts = options or ReportConfig()
+    check_inputs(run_dir)
+    remote = remote or _remote_here(run_dir)
+    out = opts.out or storage.join(run_dir, REPORT)
     info = runinfo.load(run_dir)
-    config = info.get("config", {})
-    centroids = collect.read_centroids(run_dir)
-    k = len(centroids)
-    kmeans = collect.read_optional_json(storage.join(run_dir, collect.MODEL_DIR, "kmeans.json"))
-    kmeans = kmeans or {}
-    spherical = _is_spherical(config, kmeans)
+    model, kmeans = kmeans_model.KMeansModel.load(run_dir)
     timings: dict[str, float] = {}
-    with runinfo.timed("report: connecting to Ray") as t:
-        ensure_ray(ray_config or RayConfig())
-    timings["ray"] = t["seconds"]
+    shown = _gather(run_dir, model.centroids, opts, remote, timings)
+    embed_config = info.get("config", {}).get("embed") or {}
+    max_pixels = int(embed_config.get("max_image_pixels") or DEFAULT_MAX_PIXELS)
+    images = {m.image_id: m.uri for m in shown.members}
+    thumbs = make_thumbnails(
+        images, out, opts.thumb_size, opts.thumbs_per_task, max_pixels, remote=remote
+    )
+    timings["thumbnails"] = thumbs.seconds
+    views = _cluster_views(shown.summary, shown.neighbours, shown.labels, opts.clusters_per_page)
+    with runinfo.timed("report: map") as t:
+        map_view = _write_map(out, shown.summary, shown.found, views, opts)
+    timings["map"] = t["seconds"]
+    view = _report_view(run_dir, out, info, kmeans, shown, thumbs, views, map_view, opts)
+    with runinfo.timed("report: pages") as t:
+        pages = _write_pages(out, view)
+    timings["pages"] = t["seconds"]
+    index_uri = storage.canonical_uri(storage.join(out, "index.html"))
+    log.info(
+        "report: %d clusters on %d pages, %d thumbnails made (%d reused): %s",
+        len(views),
+        pages,
+        thumbs.made,
+        thumbs.reused,
+        index_uri,
+    )
+    return {
+        "uri": index_uri,
+        "clusters": len(views),
+        "pages": pages,
+        "images_shown": len(images),
+        "thumbnails_made": thumbs.made,
+        "thumbnails_reused": thumbs.reused,
+        "thumbnails_failed": len(thumbs.failed),
+        "map_points": map_view.points if map_view else 0,
+        "projection": map_view.method if map_view else None,
+        "timings": timings,
+    }
 
+
+def _remote_here(run_dir: str) -> collect.Remote:
+    """Ray tasks under the storage settings in force here (``build_report`` called directly)."""
+    from semclust.config import RunConfig
+    from semclust.context import RunContext
+
+    remote: collect.Remote = RunContext(
+        RunConfig(run_dir=run_dir, storage=storage.options())
+    ).remote
+    return remote
+
+
+@dataclass
+class Shown:
+    """What the pages show, gathered from the run: per-cluster figures, the images shown
+    (with URI, size and label), near-duplicate groups, labels and the map sample."""
+
+    summary: collect.AssignmentSummary
+    neighbours: list[list[tuple[int, float]]]
+    duplicates: findings.DuplicateSummary | None
+    labels: findings.LabelSummary | None
+    members: list[collect.Member]
+    found: collect.EmbeddingLookup
+
+
+def _gather(
+    run_dir: str,
+    centroids: np.ndarray,
+    opts: ReportConfig,
+    remote: collect.Remote,
+    timings: dict[str, float],
+) -> Shown:
+    k = len(centroids)
     with runinfo.timed("report: cluster summaries") as t:
         summary = collect.summarize_assignments(
-            run_dir, k, opts.nearest, opts.sample, opts.map_sample, opts.seed
+            run_dir, k, opts.nearest, opts.sample, opts.map_sample, opts.seed, remote=remote
         )
         neighbours = collect.nearest_clusters(centroids, opts.neighbours)
-        duplicates = collect.read_duplicates(
+        duplicates = findings.summarize_duplicates(
             run_dir, opts.max_duplicate_groups, opts.duplicates_per_group
         )
-        shown = [m for c in range(k) for m in (*summary.nearest[c], *summary.sample[c])]
+        members = [m for c in range(k) for m in (*summary.nearest[c], *summary.sample[c])]
         if duplicates is not None:
-            shown += [m for g in duplicates.shown for m in g.members]
-        shown_ids = {m.image_id for m in shown}
-        labels = collect.read_labels(run_dir, shown_ids)
+            members += [m for g in duplicates.shown for m in g.members]
+        shown_ids = {m.image_id for m in members}
+        labels = findings.summarize_labels(run_dir, shown_ids)
     timings["summaries"] = t["seconds"]
-
     with runinfo.timed("report: image lookup") as t:
-        found = collect.lookup_embeddings(run_dir, shown_ids, summary.map_ids)
+        found = collect.lookup_embeddings(run_dir, shown_ids, summary.map_ids, remote=remote)
     timings["lookup"] = t["seconds"]
-    for m in shown:
+    for m in members:
         m.uri, m.width, m.height = found.meta[m.image_id]
         if labels is not None and m.image_id in labels.per_image:
             m.label, m.confidence = labels.per_image[m.image_id]
+    return Shown(summary, neighbours, duplicates, labels, members, found)
 
-    max_pixels = int((config.get("embed") or {}).get("max_image_pixels") or DEFAULT_MAX_PIXELS)
-    thumbs = make_thumbnails(
-        {m.image_id: m.uri for m in shown}, out, opts.thumb_size, opts.thumbs_per_task, max_pixels
-    )
-    timings["thumbnails"] = thumbs.seconds
-    thumb_paths: dict[int, tuple[str | None, str]] = {
-        i: (None, thumbs.failed[i]) if i in thumbs.failed else (thumb_relpath(i), "")
-        for i in shown_ids
-    }
 
-    views = _cluster_views(summary, neighbours, labels, opts.clusters_per_page)
-    with runinfo.timed("report: map") as t:
-        map_view = _write_map(out, summary, found, views, opts)
-    timings["map"] = t["seconds"]
-
-    failures = collect.read_failures(run_dir, opts.max_failures)
+def _report_view(
+    run_dir: str,
+    out: str,
+    info: dict[str, Any],
+    kmeans: dict[str, Any],
+    shown: Shown,
+    thumbs: ThumbnailResult,
+    views: list[ClusterView],
+    map_view: MapView | None,
+    opts: ReportConfig,
+) -> ReportView:
+    config = info.get("config", {})
+    failures = read_failures(run_dir, opts.max_failures)
     display = PathDisplay(
-        input_root(config, [m.uri for m in shown] + [u for u, _, _ in failures.rows]),
+        facts.input_root(config, [m.uri for m in shown.members] + [u for u, _, _ in failures.rows]),
         hide_local=storage.is_remote(out),
     )
     notes = []
@@ -141,75 +189,47 @@ def build_report(
             f"{len(thumbs.failed):,} thumbnails could not be made (their originals could not be "
             "read or decoded); the galleries show the reason in their place."
         )
-    view = ReportView(
+    thumb_paths: dict[int, tuple[str | None, str]] = {
+        i: (None, thumbs.failed[i]) if i in thumbs.failed else (thumb_relpath(i), "")
+        for i in {m.image_id for m in shown.members}
+    }
+    return ReportView(
         run_name=posixpath.basename(storage.canonical_uri(run_dir).rstrip("/")),
         generated=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         version=__version__,
         display=display,
-        spherical=spherical,
-        counts=_counts(run_dir, info, k, summary, labels, duplicates, failures.total),
-        stages=_stage_rows(info),
-        config_rows=_config_rows(info, kmeans, display),
-        metrics=collect.read_optional_json(storage.join(run_dir, "metrics.json")),
+        spherical=facts.is_spherical(config, kmeans),
+        counts=facts.counts(
+            run_dir,
+            info,
+            len(views),
+            shown.summary,
+            shown.labels,
+            shown.duplicates,
+            failures.total,
+        ),
+        stages=facts.stage_rows(info),
+        config_rows=facts.config_rows(info, kmeans, display),
+        metrics=collect.read_optional_json(storage.join(run_dir, METRICS)),
         k_selection=collect.read_optional_json(
-            storage.join(run_dir, collect.MODEL_DIR, "k_selection.json")
+            kmeans_model.model_file(run_dir, kmeans_model.K_SELECTION)
         ),
         clusters=views,
         pages=max((v.page for v in views), default=1),
         thumbs=thumb_paths,
         thumb_box=opts.thumb_size,
         failures=failures,
-        duplicates=duplicates,
-        labels=labels,
+        duplicates=shown.duplicates,
+        labels=shown.labels,
         map=map_view,
         notes=notes,
     )
-    with runinfo.timed("report: pages") as t:
-        pages = _write_pages(out, view)
-    timings["pages"] = t["seconds"]
-
-    index_uri = storage.canonical_uri(storage.join(out, "index.html"))
-    seconds = round(time.perf_counter() - start, 3)
-    record = {
-        "status": "done",
-        "uri": index_uri,
-        "clusters": k,
-        "pages": pages,
-        "images_shown": len(shown_ids),
-        "thumbnails_made": thumbs.made,
-        "thumbnails_reused": thumbs.reused,
-        "thumbnails_failed": len(thumbs.failed),
-        "map_points": map_view.points if map_view else 0,
-        "projection": map_view.method if map_view else None,
-        "timings": timings,
-        "seconds": seconds,
-    }
-    runinfo.update_stage(run_dir, "report", record, config)
-    log.info(
-        "report: %d clusters on %d pages, %d thumbnails made (%d reused) in %.1f s: %s",
-        k,
-        pages,
-        thumbs.made,
-        thumbs.reused,
-        seconds,
-        index_uri,
-    )
-    return index_uri
-
-
-def _is_spherical(config: dict[str, Any], kmeans: dict[str, Any]) -> bool:
-    if "spherical" in kmeans:
-        return bool(kmeans["spherical"])
-    metric = str(kmeans.get("metric", ""))
-    if metric:
-        return metric.startswith("spherical")
-    return bool((config.get("cluster") or {}).get("spherical", True))
 
 
 def _cluster_views(
     summary: collect.AssignmentSummary,
     neighbours: list[list[tuple[int, float]]],
-    labels: collect.LabelSummary | None,
+    labels: findings.LabelSummary | None,
     per_page: int,
 ) -> list[ClusterView]:
     """Clusters in review order: largest share of the objective (size x mean distance) first,
@@ -244,7 +264,7 @@ def _write_map(
     summary: collect.AssignmentSummary,
     found: collect.EmbeddingLookup,
     views: list[ClusterView],
-    opts: ReportOptions,
+    opts: ReportConfig,
 ) -> MapView | None:
     if opts.map_sample == 0 or not len(found.map_ids):
         return None
@@ -275,111 +295,3 @@ def _write_pages(out: str, view: ReportView) -> int:
         if name.startswith("clusters-") and name.endswith(".html") and name not in written:
             storage.remove_tree(storage.join(out, name))
     return view.pages
-
-
-def _counts(
-    run_dir: str,
-    info: dict[str, Any],
-    k: int,
-    summary: collect.AssignmentSummary,
-    labels: collect.LabelSummary | None,
-    duplicates: collect.DuplicateSummary | None,
-    failed_rows: int,
-) -> list[tuple[str, str]]:
-    embed = (info.get("stages") or {}).get("embed") or {}
-    embedded = embed.get("embedded")
-    if embedded is None:
-        embedded = collect.count_rows(storage.join(run_dir, collect.EMBEDDINGS_DIR))
-    failed = embed.get("failed", failed_rows)
-    listed = embed.get("listed", embedded + failed)
-    counts = [
-        ("listed", fmt(listed)),
-        ("embedded", fmt(embedded)),
-        ("failed", fmt(failed)),
-    ]
-    if embed.get("skipped_non_image"):
-        counts.append(("skipped (not images)", fmt(embed["skipped_non_image"])))
-    counts += [("assigned", fmt(summary.rows)), ("clusters", fmt(k))]
-    empty = int((summary.counts == 0).sum())
-    if empty:
-        counts.append(("empty clusters", fmt(empty)))
-    if labels is not None:
-        counts.append(("label rows", fmt(labels.rows)))
-    if duplicates is not None:
-        counts.append(("near-duplicate groups", fmt(duplicates.groups)))
-    return counts
-
-
-# Pipeline order for the stage table (run.json keeps its keys sorted); others follow by name.
-_STAGE_ORDER = ("embed", "cluster", "graph", "refine", "label", "index", "evaluate")
-
-
-def _stage_rows(info: dict[str, Any]) -> list[dict[str, Any]]:
-    stages = info.get("stages") or {}
-    order = sorted(
-        stages,
-        key=lambda s: (_STAGE_ORDER.index(s) if s in _STAGE_ORDER else len(_STAGE_ORDER), s),
-    )
-    rows = []
-    for stage in order:
-        rec = stages[stage]
-        if stage == "report" or not isinstance(rec, dict):
-            continue
-        n = next((rec[key] for key in ("listed", "rows", "count") if key in rec), None)
-        seconds = rec.get("seconds")
-        rate = rec.get("images_per_second")
-        if rate is None and n and seconds:
-            rate = round(n / seconds, 2)
-        rows.append(
-            {
-                "stage": stage,
-                "status": rec.get("status", "done"),
-                "seconds": seconds,
-                "rows": n,
-                "throughput": rate,
-            }
-        )
-    return rows
-
-
-def input_root(config: dict[str, Any], uris: list[str]) -> str | None:
-    """The folder/prefix the images came from: the configured input when it holds them all,
-    else the longest folder common to the URIs (run.json's config is the last stage's, which
-    may not name the input)."""
-    if not uris:
-        return None
-    configured = (config.get("embed") or {}).get("input")
-    if configured:
-        try:
-            root = storage.canonical_uri(configured).rstrip("/") + "/"
-        except ValueError:
-            root = ""
-        if root and all(u.startswith(root) for u in uris):
-            return root
-    prefix = posixpath.commonprefix(uris)
-    prefix = prefix[: prefix.rfind("/") + 1]
-    scheme_end = prefix.find("://") + 3
-    return prefix if prefix.rstrip("/") and len(prefix) > scheme_end + 1 else None
-
-
-def _config_rows(
-    info: dict[str, Any], kmeans: dict[str, Any], display: PathDisplay
-) -> list[tuple[str, str]]:
-    config = info.get("config") or {}
-    # The embed stage records the embedder it really used; the config is the last stage's.
-    embedder = ((info.get("stages") or {}).get("embed") or {}).get("embedder") or {}
-    used = {"image_size": embedder.get("input_size"), **embedder}
-    rows = []
-    for section, key in _SHOWN_SETTINGS:
-        value = (config.get(section) or {}).get(key)
-        if section == "embed" and used.get(key) is not None:
-            value = used[key]
-        if value is not None:
-            # Settings are identifiers (a seed, a size), not quantities: no thousands separators.
-            text = fmt(value) if isinstance(value, (bool, float)) else str(value)
-            rows.append((f"{section}.{key}", display.text(text)))
-    if kmeans.get("objective") is not None:
-        rows.append(("k-means objective", fmt(kmeans["objective"])))
-    if kmeans.get("trained_on") is not None:
-        rows.append(("k-means trained on", f"{fmt(kmeans['trained_on'])} rows"))
-    return rows

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 from semclust import storage
 from semclust.embed.decode import DEFAULT_MAX_PIXELS, decode_image
+from semclust.report.collect import Remote
 from semclust.report.files import write_file
 
 log = logging.getLogger(__name__)
@@ -99,8 +100,11 @@ def make_thumbnails(
     box: int,
     per_task: int,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    *,
+    remote: Remote,
 ) -> ThumbnailResult:
-    """Make the missing thumbnails of ``images`` (image_id -> original URI) in Ray tasks."""
+    """Make the missing thumbnails of ``images`` (image_id -> original URI) in Ray tasks made
+    by ``remote`` (``RunContext.remote``)."""
     import ray
 
     start = time.perf_counter()
@@ -114,9 +118,9 @@ def make_thumbnails(
             result.reused,
             math.ceil(len(todo) / per_task),
         )
-        remote = ray.remote(num_cpus=1)(storage.with_s3_options(thumbnail_batch))
+        task = remote(thumbnail_batch, num_cpus=1)
         futures = {
-            remote.remote(todo[s : s + per_task], report_uri, box, max_pixels): min(
+            task.remote(todo[s : s + per_task], report_uri, box, max_pixels): min(
                 per_task, len(todo) - s
             )
             for s in range(0, len(todo), per_task)

@@ -1,0 +1,263 @@
+"""The driver's side of the embed stage's output: parts committed exactly once, and the
+bookkeeping a resume and the final check read back from the run directory.
+
+A part is a fixed, numbered group of ``rows_per_part`` listed URIs. Its failures shard is
+written before its embeddings shard, and the embeddings shard is the part's commit marker: a
+crash in between leaves an orphan failures shard, which ``committed_state`` deletes so that the
+part is processed again. The stage ends with ``check_counts``: every listed image is embedded or
+a failure row, exactly once.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from semclust import storage
+from semclust.embed.sources import ids_for, isin_sorted
+from semclust.errors import StoreUnavailable
+from semclust.rundir import layout, schemas
+
+log = logging.getLogger(__name__)
+
+# ``error_stage`` of a row whose read failed for a transient reason after every retry: it is
+# neither embedded nor a failure row, so its part commits without it and the resume reads it again.
+DEFERRED = "deferred"
+
+
+class PartWriter:
+    """Collects rows per part on the driver and commits each part when all its rows are in.
+
+    Parts are cut in listing order, so every part but the last receives exactly
+    ``rows_per_part`` rows: a part is committed as soon as it has that many, and the last
+    (short) one in ``finish``, once the lister has said how many rows it sent. No part's size
+    has to be known before the listing ends.
+
+    Rows whose read failed for a transient reason (``DEFERRED``) are left out of both shards,
+    so a committed part may hold fewer rows; the resume numbers them into new parts.
+    """
+
+    def __init__(
+        self,
+        run_dir: str,
+        rows_per_part: int,
+        dim: int,
+        ensure_held: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.run_dir = run_dir
+        self.rows_per_part = rows_per_part
+        self.dim = dim
+        # Called before each commit: raises if another run has taken the run directory over.
+        self.ensure_held = ensure_held
+        self.deferred = 0  # rows whose read failed for a transient reason: not committed
+        self.deferred_error = ""
+        self.buffers: dict[int, list[dict[str, np.ndarray]]] = defaultdict(list)
+        self.counts: dict[int, int] = defaultdict(int)
+        self.rows_received = 0
+        self.rows_written = 0
+        self.failed_written = 0
+        self.parts_committed = 0
+
+    def add(self, batch: dict[str, np.ndarray]) -> None:
+        parts = np.asarray(batch["part"])
+        self.rows_received += len(parts)
+        for part in np.unique(parts):
+            p = int(part)
+            sel = parts == part
+            self.buffers[p].append({k: np.asarray(v)[sel] for k, v in batch.items()})
+            self.counts[p] += int(sel.sum())
+            if self.counts[p] == self.rows_per_part:
+                self._commit(p)
+            elif self.counts[p] > self.rows_per_part:
+                raise RuntimeError(f"part {p} received more than {self.rows_per_part} rows")
+
+    def finish(self, rows_sent: int, first_part: int) -> None:
+        """Commit the last, short part; raise if the rows received differ from those sent.
+
+        ``rows_sent`` rows were numbered from ``first_part`` on, so parts ``first_part ..
+        last - 1`` must be full (and already committed) and the last one holds the rest.
+        """
+        if rows_sent == 0:
+            if self.rows_received:
+                raise RuntimeError(f"the pipeline returned {self.rows_received} unexpected rows")
+            return
+        n_parts = -(-rows_sent // self.rows_per_part)
+        last = first_part + n_parts - 1
+        last_rows = rows_sent - (n_parts - 1) * self.rows_per_part
+        pending = dict(self.counts)
+        short = {p: c for p, c in pending.items() if not (p == last and c == last_rows)}
+        if short or self.rows_received != rows_sent:
+            missing = {
+                p: (last_rows if p == last else self.rows_per_part) - c for p, c in short.items()
+            }
+            raise RuntimeError(
+                f"the pipeline lost rows: the lister sent {rows_sent} rows, the writer received "
+                f"{self.rows_received}; parts never completed (part: rows missing): {missing}. "
+                "Nothing of those parts was committed; run again with --mode resume"
+            )
+        if last in pending:
+            self._commit(last)
+
+    def _commit(self, part: int) -> None:
+        chunks = self.buffers.pop(part)
+        cols = {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
+        errors = cols["error"].astype(object)
+        ok = errors == ""
+        deferred = cols["error_stage"].astype(object) == DEFERRED
+        failed = ~ok & ~deferred
+        name = f"part-{part:05d}.parquet"
+        self.ensure_held()
+        if failed.any():
+            storage.write_parquet(
+                storage.join(self.run_dir, layout.FAILURES, name), _failures(cols, failed)
+            )
+        storage.write_parquet(
+            storage.join(self.run_dir, layout.EMBEDDINGS, name), _embeddings(cols, ok, self.dim)
+        )
+        self.rows_written += int(ok.sum() + failed.sum())
+        self.failed_written += int(failed.sum())
+        self.deferred += int(deferred.sum())
+        if deferred.any():
+            self.deferred_error = str(errors[deferred][-1])
+        self.parts_committed += 1
+        del self.counts[part]
+        log.info(
+            "committed %s: %d embedded, %d failed%s",
+            name,
+            int(ok.sum()),
+            int(failed.sum()),
+            f", {int(deferred.sum())} left for the resume (store unreachable)"
+            if deferred.any()
+            else "",
+        )
+
+
+def _failures(cols: dict[str, np.ndarray], rows: np.ndarray) -> pa.Table:
+    return pa.table(
+        {
+            "uri": pa.array(cols["uri"].astype(object)[rows].tolist(), pa.string()),
+            "stage": pa.array(cols["error_stage"][rows].astype(object).tolist(), pa.string()),
+            "error": pa.array(cols["error"].astype(object)[rows].tolist(), pa.string()),
+        },
+        schema=schemas.FAILURES,
+    )
+
+
+def _embeddings(cols: dict[str, np.ndarray], rows: np.ndarray, dim: int) -> pa.Table:
+    emb = np.ascontiguousarray(cols["embedding"][rows], dtype=np.float32).reshape(-1, dim)
+    uris = cols["uri"].astype(object)[rows].tolist()
+    return pa.table(
+        {
+            "image_id": pa.array([storage.image_id_for(u) for u in uris], pa.int64()),
+            "uri": pa.array(uris, pa.string()),
+            "embedding": pa.FixedSizeListArray.from_arrays(pa.array(emb.ravel()), dim),
+            "width": pa.array(cols["width"][rows].astype(np.int32)),
+            "height": pa.array(cols["height"][rows].astype(np.int32)),
+        },
+        schema=schemas.embeddings(dim),
+    )
+
+
+# --- run-directory bookkeeping ---------------------------------------------------------------
+
+
+def _part_number(uri: str) -> int:
+    return int(uri.rsplit("part-", 1)[1].split(".", 1)[0])
+
+
+def _shard_ids(run_dir: str) -> tuple[list[np.ndarray], list[np.ndarray], list[str], set[int]]:
+    """Image ids of each committed embeddings shard and failures shard (orphans left out)."""
+    emb_shards = storage.list_shards(storage.join(run_dir, layout.EMBEDDINGS))
+    committed_parts = {_part_number(u) for u in emb_shards}
+    emb_ids = [
+        storage.read_parquet(u, ["image_id"])["image_id"].to_numpy().astype(np.int64)
+        for u in emb_shards
+    ]
+    fail_ids: list[np.ndarray] = []
+    orphans: list[str] = []
+    for uri in storage.list_shards(storage.join(run_dir, layout.FAILURES)):
+        if _part_number(uri) not in committed_parts:
+            orphans.append(uri)
+            continue
+        fail_ids.append(ids_for(storage.read_parquet(uri, ["uri"])["uri"].to_pylist()))
+    return emb_ids, fail_ids, orphans, committed_parts
+
+
+def committed_state(run_dir: str) -> tuple[np.ndarray, int]:
+    """(sorted unique ids already committed, next free part number) of a run directory.
+
+    Orphan failures shards (whose part has no embeddings shard) are deleted: their part did not
+    commit and its URIs will be processed again.
+    """
+    emb_ids, fail_ids, orphans, committed_parts = _shard_ids(run_dir)
+    for uri in orphans:
+        log.warning("removing orphan failures shard %s (its part never committed)", uri)
+        storage.remove_tree(uri)
+    done = np.unique(np.concatenate([np.empty(0, np.int64), *emb_ids, *fail_ids]))
+    return done, max(committed_parts, default=-1) + 1
+
+
+def count_outputs(run_dir: str, listed_ids: np.ndarray | Iterable[int]) -> dict[str, int]:
+    """Counts over committed shards, checking that no image id appears twice.
+
+    ``listed_ids``: the ids of the listing (a numpy array, sorted or not, or any iterable of
+    ints); everything is done on int64 arrays, 8 bytes per row.
+    """
+    if not isinstance(listed_ids, np.ndarray):
+        listed_ids = np.fromiter(listed_ids, dtype=np.int64)
+    listed = np.unique(np.asarray(listed_ids, dtype=np.int64))
+    emb_ids, fail_ids, _, _ = _shard_ids(run_dir)
+    emb = np.concatenate([np.empty(0, np.int64), *emb_ids])
+    fail = np.concatenate([np.empty(0, np.int64), *fail_ids])
+    everything = np.sort(np.concatenate([emb, fail]))
+    duplicates = int((everything[1:] == everything[:-1]).sum())
+    embedded = int(isin_sorted(emb, listed).sum())
+    failed = int(isin_sorted(fail, listed).sum())
+    stale = len(emb) + len(fail) - embedded - failed
+    return {"embedded": embedded, "failed": failed, "duplicates": duplicates, "stale": stale}
+
+
+class ImagesDeferred(StoreUnavailable):
+    """Images whose read still failed for a transient reason after the retry budget: committed
+    nowhere (a resume embeds them). ``record``: the stage's counts when it stopped, for the
+    ``failed`` record in run.json."""
+
+    def __init__(self, message: str, record: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.record = record
+
+
+def check_counts(
+    run_dir: str, listed_ids: np.ndarray, deferred: int, deferred_error: str
+) -> dict[str, int]:
+    """The committed counts (``count_outputs``) once the stage is done, checked: no image twice,
+    and ``listed = embedded + failed`` (+ ``deferred``: then ``ImagesDeferred`` is raised)."""
+    counts = count_outputs(run_dir, listed_ids)
+    listed = len(listed_ids)
+    if counts["duplicates"]:
+        raise RuntimeError(f"{counts['duplicates']} image ids appear twice in {run_dir}")
+    if deferred and counts["embedded"] + counts["failed"] + deferred == listed:
+        raise ImagesDeferred(
+            f"{deferred} of {listed} images could not be read: the store was unreachable for "
+            f"longer than storage.retry_seconds={storage.retry_policy().seconds:g} s (last error: "
+            f"{deferred_error[:300]}). They are not failures: {counts['embedded']} embedded and "
+            f"{counts['failed']} failed images are committed, and `--mode resume` embeds the rest",
+            {
+                "listed": listed,
+                "embedded": counts["embedded"],
+                "failed": counts["failed"],
+                "deferred": deferred,
+                "last_read_error": deferred_error[:2000],
+            },
+        )
+    if counts["embedded"] + counts["failed"] != listed:
+        raise RuntimeError(
+            f"listed={listed} but embedded={counts['embedded']} + failed={counts['failed']}; "
+            "run again with --mode resume to finish the missing images"
+        )
+    return counts

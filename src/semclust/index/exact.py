@@ -1,0 +1,80 @@
+"""Exact top-k of a few queries against every embeddings shard, streamed (ground truth).
+
+Used to measure the recall of approximate graphs and indexes on a sample of queries without
+holding all embeddings anywhere: each Ray task searches one shard with a flat index and returns
+its top-k; the driver merges (n_queries, k) arrays.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from semclust.index.faiss_ops import remote_options
+from semclust.rundir.embeddings import normalize_rows, read_checked
+
+if TYPE_CHECKING:
+    from semclust.context import RunContext
+
+
+def similarity_space(x: np.ndarray, metric: str) -> np.ndarray:
+    """Rows as searched: L2-normalised for ``cosine``, unchanged for ``l2``; float32 (n, D)."""
+    return normalize_rows(x) if metric == "cosine" else np.ascontiguousarray(x, dtype=np.float32)
+
+
+def shard_topk(
+    shard_uri: str, queries: np.ndarray, k: int, metric: str, threads: int = 1
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k of float32 (q, D) queries in one shard.
+
+    Returns (image ids int64 (q, k), similarities float32 (q, k)), best first; similarity is the
+    cosine for ``cosine`` and minus the squared L2 distance for ``l2``. Where the shard has fewer
+    than k rows the missing places hold id -1 and similarity -inf.
+    """
+    import faiss
+
+    faiss.omp_set_num_threads(threads)
+    ids, vectors = read_checked(shard_uri, queries.shape[1])
+    x = similarity_space(vectors, metric)
+    index = faiss.IndexFlatIP(x.shape[1]) if metric == "cosine" else faiss.IndexFlatL2(x.shape[1])
+    index.add(x)
+    scores, rows = index.search(similarity_space(queries, metric), min(k, len(ids)))
+    sims = scores if metric == "cosine" else -scores
+    out_ids = np.full((len(queries), k), -1, dtype=np.int64)
+    out_sims = np.full((len(queries), k), -np.inf, dtype=np.float32)
+    out_ids[:, : rows.shape[1]] = np.where(rows >= 0, ids[np.maximum(rows, 0)], -1)
+    out_sims[:, : rows.shape[1]] = np.where(rows >= 0, sims, -np.inf)
+    return out_ids, out_sims
+
+
+def merge_topk(parts: list[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Merge per-shard (ids (q, k_i), sims (q, k_i)) into the overall top-k, best first."""
+    ids = np.concatenate([p[0] for p in parts], axis=1)
+    sims = np.concatenate([p[1] for p in parts], axis=1)
+    order = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(ids, order, axis=1), np.take_along_axis(sims, order, axis=1)
+
+
+def exact_topk(
+    ctx: RunContext, shard_uris: list[str], queries: np.ndarray, k: int, metric: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact (image ids int64 (q, k), similarities float32 (q, k)) over every shard.
+
+    Each shard is one Ray task (1 CPU each), so the scan spreads over the cluster: call it when
+    no actor holds the CPUs, or the tasks never start.
+    """
+    ray = ctx.start_ray()
+    task = ctx.remote(shard_topk, **remote_options(num_cpus=1))
+    ref = ray.put(np.ascontiguousarray(queries, dtype=np.float32))
+    parts: list[Any] = ray.get([task.remote(u, ref, k, metric, 1) for u in shard_uris])
+    return merge_topk(parts, k)
+
+
+def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
+    """Mean over rows of |found ∩ truth| / k for int64 (q, k) id arrays (ids -1 never count)."""
+    k = truth.shape[1]
+    hits = 0
+    for f, t in zip(found, truth, strict=True):
+        hits += len(np.intersect1d(f[f >= 0], t[t >= 0]))
+    return hits / (k * len(truth)) if len(truth) else 1.0

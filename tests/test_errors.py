@@ -1,0 +1,22 @@
+"""Ray's wrappers come off the error that stopped a stage, whichever wrapper Ray used."""
+
+from __future__ import annotations
+
+import ray.exceptions
+
+from semclust.errors import UserError, remote_cause
+
+
+def test_a_task_error_and_an_actor_that_died_in_init_give_the_user_error():
+    inner = UserError("embed.weights='x.pth' is not a checkpoint")
+    task = ray.exceptions.RayTaskError("embed", "Traceback ...", inner)
+    assert remote_cause(task) is inner
+    died = ray.exceptions.ActorDiedError(task)  # __init__ raised: the actor never served
+    assert remote_cause(died) is inner
+    plain = ValueError("not from Ray")
+    assert remote_cause(plain) is plain
+
+
+def test_an_actor_lost_to_the_system_stays_what_it_is():
+    lost = ray.exceptions.ActorDiedError()  # a killed node: no user error inside
+    assert remote_cause(lost) is lost
