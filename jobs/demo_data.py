@@ -40,7 +40,7 @@ def _ensure_bucket(uri: str, wait: float) -> None:
     import s3fs
 
     bucket = urlparse(uri).netloc
-    fs = s3fs.S3FileSystem(endpoint_url=storage.s3_options().endpoint_url)
+    fs = s3fs.S3FileSystem(endpoint_url=storage.options().endpoint_url)
     deadline = time.monotonic() + wait
     while True:
         try:

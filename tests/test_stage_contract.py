@@ -164,3 +164,26 @@ def test_a_failing_stage_is_recorded_failed_with_its_error(full_run, tmp_path, n
     assert record["status"] == "failed", record
     assert record["error"] and type(err.value).__name__ in record["error"]
     assert not (run / layout.RUN_LOCK).exists()  # released
+
+
+def test_the_python_api_runs_stages_under_the_contract(full_run, tmp_path):
+    import semclust
+
+    run = _copy(full_run, tmp_path)
+    records = semclust.run(
+        None,
+        ["refine_dec", "evaluate"],
+        run_dir=str(run),
+        mode="overwrite",
+        ray__num_cpus=2,
+        refine__dec_max_epochs=1,
+        evaluate__truth="none",
+        evaluate__stability_seeds=0,
+        evaluate__silhouette_sample=50,
+    )
+    assert list(records) == ["refine_dec", "evaluate"]
+    assert records["refine_dec"]["settings"]["refine"]["method"] == "dec"  # the stage's variant
+    assert records["evaluate"]["truth"] is None
+    info = runinfo.load(str(run))["stages"]
+    assert info["evaluate"]["settings"]["evaluate"]["truth"] == "none"
+    assert not (run / layout.REPORT).exists()  # evaluate's dependent, cleared by its overwrite

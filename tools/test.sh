@@ -3,7 +3,7 @@
 #   - Python packages: semclust with its `test` extra, into ./.venv (created if missing)
 #   - Debian packages (only when run as root with apt-get): chromium for the report's browser test,
 #     dataset-fashion-mnist for the real-image quality test
-# Extra arguments go to pytest, e.g. `bash tools/test.sh tests/test_config.py -x`.
+# Extra arguments go to pytest, e.g. `bash tools/test.sh tests/config -x`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

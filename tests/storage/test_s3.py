@@ -143,7 +143,7 @@ def test_config_fields_win_over_the_environment(monkeypatch):
 
 def test_awkward_keys_round_trip(s3_server, s3_bucket):
     """Keys are raw in URIs: '#', '?', '%', '+', spaces and unicode are parts of the name."""
-    from tests.test_storage import AWKWARD_NAMES
+    from tests.storage.test_local import AWKWARD_NAMES
 
     client = s3_server.client()
     prefix = "pre fix#?%20+"
