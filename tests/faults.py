@@ -26,8 +26,11 @@ from semclust import storage
 UNUSABLE = {"empty.jpg", "truncated.jpg", "not-an-image.png"}  # the demo set's broken files
 
 
-def embed_command(input_uri: str, run_dir: str, *extra: str) -> list[str]:
-    """`semclust embed` on the demo set with small parts, so commits come a few rows at a time."""
+def embed_command(
+    input_uri: str, run_dir: str, *extra: str, rows_per_part: int = 8, batch_size: int = 8
+) -> list[str]:
+    """`semclust embed` on the demo set with small parts and small input blocks, so rows come
+    back (and parts commit) a few at a time."""
     return [
         sys.executable,
         "-m",
@@ -41,11 +44,11 @@ def embed_command(input_uri: str, run_dir: str, *extra: str) -> list[str]:
         "--weights",
         "default",
         "--rows-per-part",
-        "8",
+        str(rows_per_part),
         "--batch-size",
-        "8",
+        str(batch_size),
         "--set",
-        "embed.decode_batch_size=8",
+        f"embed.decode_batch_size={batch_size}",
         "--num-cpus",
         "2",
         *extra,

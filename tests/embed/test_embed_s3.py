@@ -17,6 +17,7 @@ import pytest
 
 from semclust import runner, storage
 from semclust.config import load_config
+from tests.faults import embed_command
 
 pytestmark = pytest.mark.slow
 
@@ -199,29 +200,16 @@ def test_workers_get_the_storage_settings_from_the_config(s3_server, s3_bucket, 
         if k not in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "RAY_ADDRESS")
     }
     run_dir = f"s3://{s3_bucket}/runs/config-endpoint"
-    cmd = [
-        sys.executable,
-        "-m",
-        "semclust.cli",
-        "embed",
+    cmd = embed_command(
         f"s3://{s3_bucket}/images/",
-        "--run-dir",
         run_dir,
-        "--backbone",
-        "efficientnet_lite0",
-        "--weights",
-        "default",
-        "--rows-per-part",
-        "20",
-        "--batch-size",
-        "16",
-        "--num-cpus",
-        "2",
         "--set",
         f"storage.endpoint_url={s3_server.endpoint}",
         "--set",
         "storage.retry_seconds=5",
-    ]
+        rows_per_part=20,
+        batch_size=16,
+    )
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     info = storage.read_json(f"{run_dir}/run.json")["stages"]["embed"]
@@ -237,28 +225,7 @@ def test_killed_job_resumes_without_repeating_or_losing_an_image(s3_server, s3_b
     client = s3_server.client()
     _upload_folder(client, s3_bucket, demo_images, "images")
     run_dir = f"s3://{s3_bucket}/runs/killed"
-    cmd = [
-        sys.executable,
-        "-m",
-        "semclust.cli",
-        "embed",
-        f"s3://{s3_bucket}/images/",
-        "--run-dir",
-        run_dir,
-        "--backbone",
-        "efficientnet_lite0",
-        "--weights",
-        "default",
-        "--rows-per-part",
-        "10",
-        "--batch-size",
-        "5",
-        # Small input blocks, so rows come back (and parts commit) a few at a time.
-        "--set",
-        "embed.decode_batch_size=5",
-        "--num-cpus",
-        "2",
-    ]
+    cmd = embed_command(f"s3://{s3_bucket}/images/", run_dir, rows_per_part=10, batch_size=5)
     proc = subprocess.Popen(
         cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
     )
