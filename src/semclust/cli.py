@@ -47,7 +47,7 @@ def _add_common(p: argparse.ArgumentParser, *, needs_run_dir: bool = True) -> No
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="any config field by dotted name, e.g. --set embed.decode_batch_size=128",
+        help="any config field by dotted name, e.g. --set embed.rows_per_part=512",
     )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
@@ -294,11 +294,11 @@ def explain(exc: BaseException) -> tuple[int, str]:
     import errno
 
     from semclust import storage
-    from semclust.errors import SemclustError, remote_cause
+    from semclust.errors import SemclustError, remote_cause, without_ray_notes
     from semclust.retry import is_transient
 
     exc = remote_cause(exc)
-    text = storage.redact(str(exc)) or type(exc).__name__
+    text = without_ray_notes(storage.redact(str(exc))) or type(exc).__name__
     again = "run the same command again (--mode resume) to go on"
     resume = f"committed work is kept: {again}"
     if isinstance(exc, KeyboardInterrupt):

@@ -7,6 +7,8 @@ by ``semclust.cli`` (``ValueError``: bad input, 2; ``OSError``: a failed run, 1)
 
 from __future__ import annotations
 
+import re
+
 
 class SemclustError(Exception):
     """Base of semclust's own errors."""
@@ -48,3 +50,13 @@ def remote_cause(exc: BaseException) -> BaseException:
             break
         exc, seen = cause, seen + 1
     return exc
+
+
+# What Ray Data appends to an error from a task it retried: its own retry count and how to
+# configure its retries, which is no advice for a semclust user.
+_RAY_RETRY_NOTE = re.compile(r"\nFailed to .+ after \d+/\d+ attempts \(total backoff .*", re.S)
+
+
+def without_ray_notes(text: str) -> str:
+    """``text`` without the retry note Ray Data appends to an error from a task."""
+    return _RAY_RETRY_NOTE.sub("", text)

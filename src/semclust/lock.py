@@ -102,6 +102,23 @@ def break_lock(run_dir: str) -> dict[str, Any] | None:
     raise RunDirLocked(f"the lock of {run_dir} keeps changing: the run holding it is alive")
 
 
+def ensure_token(run_dir: str, token: str) -> None:
+    """Raise ``RunDirLocked`` unless the run with ``token`` holds ``run_dir``: the check a worker
+    makes before it commits, since only the driver holds the ``RunDirLock``. An unreadable lock
+    passes (the driver's heartbeat decides then)."""
+    try:
+        seen = store_for(run_dir).read()
+    except Exception as exc:
+        log.debug("cannot read the lock of %s: %s", run_dir, exc)
+        return
+    if seen is None or seen.holder.get("token") != token:
+        lost = "it was removed" if seen is None else f"it was taken over by {_describe(seen)}"
+        raise RunDirLocked(
+            f"lost the lock of {run_dir}: {lost}. This run stops so that two runs never write "
+            "the run directory at once; its committed work is kept"
+        )
+
+
 class RunDirLock:
     """Hold a run directory for one run: ``with RunDirLock(run_dir, command=...) as lock:``."""
 
@@ -131,6 +148,11 @@ class RunDirLock:
     def holder(self) -> dict[str, Any]:
         """This lock's own record (empty before ``acquire``)."""
         return dict(self._holder)
+
+    @property
+    def token(self) -> str | None:
+        """This run's token in the lock (None before ``acquire``): what ``ensure_token`` checks."""
+        return self._holder.get("token")
 
     def _data(self) -> bytes:
         return (json.dumps(self._holder, indent=1, sort_keys=True) + "\n").encode()

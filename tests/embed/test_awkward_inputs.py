@@ -248,7 +248,6 @@ def _cfg(input_uri: str, run_dir: str):
             "embed.image_size": 64,
             "embed.rows_per_part": 10,
             "embed.batch_size": 8,
-            "embed.decode_batch_size": 8,
         },
     )
 

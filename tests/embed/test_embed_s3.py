@@ -221,18 +221,22 @@ def test_workers_get_the_storage_settings_from_the_config(s3_server, s3_bucket, 
     assert not [e for _, e in failures if e.startswith("read failed")], failures
 
 
-def test_killed_job_resumes_without_repeating_or_losing_an_image(s3_server, s3_bucket, demo_images):
+def test_killed_job_resumes_without_repeating_or_losing_an_image(
+    s3_server, s3_bucket, demo_images, tmp_path
+):
     client = s3_server.client()
     _upload_folder(client, s3_bucket, demo_images, "images")
     run_dir = f"s3://{s3_bucket}/runs/killed"
     cmd = embed_command(f"s3://{s3_bucket}/images/", run_dir, rows_per_part=10, batch_size=5)
-    proc = subprocess.Popen(
-        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
-    )
+    log = tmp_path / "killed.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + 240
     try:
         while len(storage.list_shards(f"{run_dir}/embeddings")) < 2:
-            assert proc.poll() is None, "the job ended before it could be killed"
+            assert proc.poll() is None, (
+                f"the job ended before it could be killed: {log.read_text()[-3000:]}"
+            )
             assert time.monotonic() < deadline, "no part committed in time"
             time.sleep(0.05)
     finally:

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from semclust import runner, storage
-from semclust.embed import feeder, stage
+from semclust.embed import stage
 from semclust.embed.formats import is_image_candidate
 from semclust.embed.sources import IdSet, InputStream, isin_sorted, read_image_bytes
 from tests.embed.files import tar_bytes
@@ -243,11 +243,9 @@ def test_embed_streams_pages_into_parts_across_page_boundaries(
 ):
     from semclust.config import load_config
 
-    # Small pages, blocks and window: parts (10 rows) straddle pages (7 files) and blocks
-    # (12 rows), and the lister may run only one block (plus a batch) ahead of the writer,
-    # so the listing cannot end before parts come back.
+    # Small pages: parts (10 rows) straddle pages (7 files), and the model's batches (8) do not
+    # divide a part.
     monkeypatch.setattr(stage, "LIST_PAGE_SIZE", 7)
-    monkeypatch.setattr(feeder, "MAX_BLOCKS_AHEAD", 1)
     run_dir = str(tmp_path / "run")
     cfg = load_config(
         None,
@@ -258,13 +256,16 @@ def test_embed_streams_pages_into_parts_across_page_boundaries(
             "embed.weights": "default",
             "embed.rows_per_part": 10,
             "embed.batch_size": 8,
-            "embed.decode_batch_size": 3,
         },
     )
     record = runner.run_stages(cfg, ["embed"])["embed"]
     assert (record["listed"], record["embedded"], record["failed"]) == (75, 72, 3)
     assert record["skipped_non_image"] == 1 and record["processed_this_run"] == 75
     assert record["listing_pages"] >= 75 // 7 and record["stale_rows"] == 0
+    # The workers wrote the parts: the driver received commit records, not embeddings (a
+    # 1280-d embedding alone is 5 KB).
+    assert record["parts_this_run"] == 8 and 0 < record["driver_bytes_per_image"] < 100
+    assert not storage.exists(storage.join(run_dir, "embed-todo"))  # the to-do list is gone
     shards = storage.list_shards(storage.join(run_dir, "embeddings"))
     assert len(shards) == 8
     ids = np.concatenate(

@@ -99,17 +99,18 @@ class EmbedConfig:
         True, "--no-normalize", "keep raw embeddings (default: L2-normalised)", const=False
     )
     batch_size: int = flag(32, "--batch-size", "images per model call")  # images per model call
-    decode_batch_size: int = 64  # images per decode task batch
-    # minimum size of the model actor pool
-    num_actors: int = flag(1, "--num-actors", "model actors (min of the pool)")
-    # autoscaling bound; None = num_actors
+    # minimum size of the model actor pool; None: chosen from the cluster (embed.resources)
+    num_actors: int | None = flag(None, "--num-actors", "model actors (min of the pool)")
+    # autoscaling bound; None: num_actors, or on GPU the cluster's GPUs
     max_actors: int | None = flag(None, "--max-actors", "model actors (max of the pool)")
     actor_num_cpus: float = 1.0
     decode_num_cpus: float = 1.0
     device: str = flag("auto", "--device", "auto | cpu | gpu")
     keras_backend: str = flag("tensorflow", "--keras-backend", "tensorflow | jax | torch")
-    # rows per embeddings/ shard
-    rows_per_part: int = flag(50_000, "--rows-per-part", "rows per embeddings shard")
+    # rows per embeddings/ shard, and the pipeline's unit (one read, decode, model and commit
+    # task); its decoded pixels (224 x 224 x 3 bytes a row) are one Ray object. Small enough
+    # that decode and model overlap from the second part on, large enough for few shards.
+    rows_per_part: int = flag(256, "--rows-per-part", "rows per embeddings shard")
     max_image_pixels: int = 178_956_970  # decompression-bomb limit (Pillow's default x2)
     seed: int = 0  # for random weights; every actor builds the same model
     weights_sha256: str | None = None  # checked after a weights file is fetched from a URI
@@ -129,14 +130,16 @@ class EmbedConfig:
             raise ValueError("embed.weights_sha256 must be 64 hexadecimal digits")
         _choice("embed.device", self.device, DEVICES)
         _choice("embed.keras_backend", self.keras_backend, KERAS_BACKENDS)
-        for name in ("batch_size", "decode_batch_size", "num_actors", "rows_per_part"):
+        for name in ("batch_size", "rows_per_part"):
             _positive(f"embed.{name}", getattr(self, name))
+        if self.num_actors is not None:
+            _positive("embed.num_actors", self.num_actors)
         _positive("embed.max_image_pixels", self.max_image_pixels)
         _positive("embed.actor_num_cpus", self.actor_num_cpus, allow_zero=True)
         _positive("embed.decode_num_cpus", self.decode_num_cpus, allow_zero=True)
         if self.image_size is not None and self.image_size < 32:
             raise ValueError(f"embed.image_size must be >= 32, got {self.image_size}")
-        if self.max_actors is not None and self.max_actors < self.num_actors:
+        if self.max_actors is not None and self.max_actors < (self.num_actors or 1):
             raise ValueError(
                 f"embed.max_actors ({self.max_actors}) must be >= embed.num_actors "
                 f"({self.num_actors})"

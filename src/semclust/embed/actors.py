@@ -6,7 +6,6 @@ built from ``EmbedderSpec``. The stage binds both to the run's storage settings
 
 from __future__ import annotations
 
-import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -42,24 +41,11 @@ class EmbedderSpec:
     weights_sha256: str | None = None
 
     @classmethod
-    def from_config(
-        cls, ec: EmbedConfig, *, gpu: bool = False, cpus: tuple[float, float] | None = None
-    ) -> EmbedderSpec:
-        """The actors' settings. ``cpus``: (CPUs of the largest node, CPUs of the cluster).
-
-        On CPU, TensorFlow's default of one thread per core in every actor oversubscribes a node
-        that runs several actors and the decode tasks; so each actor gets the cluster's cores
-        shared out over the pool's largest size, at least its own claim, at most one node.
-        """
+    def from_config(cls, ec: EmbedConfig, *, threads: int | None = None) -> EmbedderSpec:
+        """The actors' settings; ``threads``: the model's threads per actor when the config
+        leaves them open (``embed.resources.plan`` chooses them from the cluster)."""
         spec = get_backbone(ec.backbone)
-        threads = ec.threads
-        if threads is None and not gpu:
-            claim = max(1, math.ceil(ec.actor_num_cpus))
-            threads = claim
-            if cpus is not None:
-                node_cpus, cluster_cpus = cpus
-                share = int(cluster_cpus // (ec.max_actors or ec.num_actors))
-                threads = max(claim, min(int(node_cpus), share))
+        threads = ec.threads if ec.threads is not None else threads
         return cls(
             backbone=ec.backbone,
             weights=ec.weights,
@@ -113,9 +99,10 @@ def decode_stage(
 ) -> dict[str, np.ndarray]:
     """Ray Data CPU task: read bytes and decode a batch of URIs into fixed-size uint8 pixels.
 
-    ``batch``: ``uri``, ``offset``, ``size``, ``part`` (any other column, such as the feeder's
-    padding, is dropped). Returns ``pixels`` (n, size, size, 3) uint8, ``width``/``height``
-    (n,) int32, and ``error``/``error_stage`` ("" where the image is fine).
+    ``batch``: ``uri``, ``offset``, ``size`` and the part's bookkeeping (``part``,
+    ``part_rows``: ``embed.todo``), passed through. Returns ``uri``, ``pixels`` (n, size, size,
+    3) uint8, ``width``/``height`` (n,) int32, ``error``/``error_stage`` ("" where the image is
+    fine) and the columns passed through.
     """
     uris = [str(u) for u in batch["uri"]]
     items = list(zip(uris, batch["offset"].tolist(), batch["size"].tolist(), strict=True))
@@ -136,9 +123,11 @@ def decode_stage(
             errors[i], stages[i] = decode_error, "decode"
         else:
             errors[i], stages[i] = "", ""
+    # The part's bookkeeping (``part``, ``part_rows``) rides along to the writer unchanged.
+    passed = {k: np.asarray(v) for k, v in batch.items() if k not in ("uri", "offset", "size")}
     return {
+        **passed,
         "uri": np.asarray(uris, dtype=object),
-        "part": np.asarray(batch["part"], dtype=np.int64),
         "pixels": pixels,
         "width": widths,
         "height": heights,
@@ -167,12 +156,6 @@ class EmbedActor:
             errors[bad] = "embedding is not finite (NaN or inf from the model)"
             stages[bad] = "embed"
             emb[bad] = 0.0
-        return {
-            "uri": batch["uri"],
-            "part": batch["part"],
-            "embedding": emb,
-            "width": batch["width"],
-            "height": batch["height"],
-            "error": errors,
-            "error_stage": stages,
-        }
+        out = {k: v for k, v in batch.items() if k != "pixels"}  # uri, part, sizes, ...
+        out.update(embedding=emb, error=errors, error_stage=stages)
+        return out

@@ -1,12 +1,16 @@
 """The embed stage: images -> ``embeddings/part-NNNNN.parquet`` and ``failures/part-NNNNN.parquet``.
 
-Ray Data streams the work: read + decode + resize run as CPU tasks, the backbone runs in an
-actor pool (one model per actor, one model call per batch; ``actors``), and the driver commits
-each part (a fixed, numbered group of ``rows_per_part`` URIs) atomically once all its rows are
-back (``writer``). The listing is streamed into the pipeline while it goes on (``feeder``), so the
-first parts commit before the last page is listed; the driver holds the listed ids (8 bytes per
-image) and a bounded window of rows, never the listing itself. A resumed run skips every URI
-already in a committed part, so nothing is embedded twice or lost.
+The driver lists the input page by page and writes what is not yet committed as numbered to-do
+parts (``todo``: at most ``rows_per_part`` URIs each). Ray Data then runs one read task per part
+(on any node), decode tasks (CPU: read bytes, decode, resize; ``actors.decode_stage``), the
+model actor pool (one model per actor, one model call per ``batch_size`` images;
+``actors.EmbedActor``) and write tasks that commit each part where they run
+(``writer.PartCommitter``). A part is one block from its read to its commit, so a retried task
+rewrites the same shard. The driver receives one commit record per part (counts, no rows: see
+``driver_bytes_per_image`` in the record) and holds the listed ids (8 bytes per image) for the
+final check, never the listing or an embedding. A resumed run skips every URI already in a
+committed part, so nothing is embedded twice or lost. How many actors, threads and decode tasks:
+``resources``.
 
 Images whose read still failed for a transient reason after the retry budget are committed
 nowhere; the stage then stops with ``writer.ImagesDeferred`` (a ``StoreUnavailable``: a resume
@@ -19,26 +23,20 @@ import itertools
 import logging
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 
 from semclust import storage
 from semclust.config import EmbedConfig
 from semclust.context import RunContext
+from semclust.embed import resources
 from semclust.embed.actors import EmbedActor, EmbedderSpec, decode_stage
 from semclust.embed.backbones import get_backbone
-from semclust.embed.feeder import (
-    ListingFeeder,
-    ListingProgress,
-    feeder_dataset,
-    rows_ahead,
-    todo_blocks,
-)
 from semclust.embed.sources import InputStream
-from semclust.embed.writer import PartWriter, check_counts, committed_state
+from semclust.embed.todo import TodoPart, TodoProgress, todo_dataset, todo_dir, write_todo
+from semclust.embed.writer import check_counts, commit_batch, committed_state
 from semclust.errors import UserError
 from semclust.rundir import layout
 
@@ -48,6 +46,11 @@ LIST_PAGE_SIZE = storage.LIST_PAGE_SIZE  # listing page (S3 keys per request); a
 
 # What decides the embeddings: a resume into a run made with other values would mix two models.
 MODEL_SETTINGS = ("backbone", "weights", "image_size", "resize", "normalize")
+
+
+_LOG_SECONDS = 10.0  # progress lines at most this often
+_WRITE_CPUS = 0.01
+_DECODE_WORKER_BYTES = 192 << 20  # a decode worker's own memory: Python, numpy, Pillow, pyarrow
 
 
 @dataclass
@@ -78,7 +81,7 @@ def settings(ctx: RunContext) -> dict[str, Any]:
 
 def run(ctx: RunContext) -> dict[str, Any]:
     """Embed every listed image not yet in a committed part; the run.json record (counts,
-    listing and throughput)."""
+    listing, throughput and the bytes the driver received per image)."""
     ec = ctx.cfg.embed
     start = time.perf_counter()
     opened = ctx.state.pop("listing", None)
@@ -90,29 +93,29 @@ def run(ctx: RunContext) -> dict[str, Any]:
     log.info(
         "embed: %d images already committed in %s; listing %s", len(done), ctx.run_dir, ec.input
     )
-    progress = ListingProgress()
-    block_rows = ec.decode_batch_size * 4
-    blocks = todo_blocks(pages, done, next_part, ec.rows_per_part, block_rows, progress)
-    first_block = next(blocks, None)  # nothing to do: no Ray needed
-    spec = EmbedderSpec.from_config(ec)
-    writer = PartWriter(ctx.run_dir, ec.rows_per_part, get_backbone(ec.backbone).dim)
-    if first_block is not None:
-        todo = itertools.chain([first_block], blocks)
-        spec, writer = _embed(ctx, todo, stream, progress, block_rows, next_part)
+    progress = TodoProgress()
+    parts = write_todo(ctx.run_dir, pages, done, next_part, ec.rows_per_part, progress)
     if not stream.done:
         raise RuntimeError("the listing did not reach its end")  # a bug, not a user error
     log.info(
-        "embed: %d images listed, %d already committed, %d to do (%d pages, %.1f s listing)",
+        "embed: %d images listed, %d already committed, %d to do in %d parts (%d pages, "
+        "%.1f s listing)",
         stream.listed,
         progress.already_committed,
-        progress.rows_sent,
+        progress.rows,
+        len(parts),
         stream.pages_yielded,
         stream.seconds or 0.0,
     )
+    spec = EmbedderSpec.from_config(ec)
+    commits = Commits()
+    if parts:  # nothing to do: no Ray needed
+        spec = _embed(ctx, parts, commits)
+    storage.remove_tree(todo_dir(ctx.run_dir))
     seconds = time.perf_counter() - start
     listed_ids = stream.listed_ids()
-    counts = check_counts(ctx.run_dir, listed_ids, writer.deferred, writer.deferred_error)
-    processed = writer.rows_written
+    counts = check_counts(ctx.run_dir, listed_ids, commits.deferred, commits.deferred_error)
+    processed = commits.embedded + commits.failed
     return {
         "listed": len(listed_ids),
         "embedded": counts["embedded"],
@@ -122,11 +125,15 @@ def run(ctx: RunContext) -> dict[str, Any]:
         "stale_rows": counts["stale"],
         "already_committed": progress.already_committed,
         "processed_this_run": processed,
+        "parts_this_run": len(parts),
         "listing_pages": stream.pages_yielded,
         "listing_seconds": round(stream.seconds or 0.0, 3),
-        "dim": writer.dim,
+        "dim": get_backbone(ec.backbone).dim,
         "embedder": asdict(spec),
         "images_per_second": round(processed / seconds, 2) if processed else None,
+        "driver_bytes_per_image": (
+            round(commits.driver_bytes / progress.rows, 2) if progress.rows else None
+        ),
     }
 
 
@@ -137,58 +144,95 @@ def summary(record: dict[str, Any]) -> str:
     )
 
 
-def _embed(
-    ctx: RunContext,
-    blocks: Iterator[pa.Table],
-    stream: InputStream,
-    progress: ListingProgress,
-    block_rows: int,
-    next_part: int,
-) -> tuple[EmbedderSpec, PartWriter]:
-    """Stream ``blocks`` through Ray Data and commit every part; (the actors' spec, the writer).
+@dataclass
+class Commits:
+    """What the driver learns from the write tasks: counts per committed part, nothing more."""
 
-    ``ctx.ensure_held`` (the run-directory lock's check) runs before every commit."""
-    from semclust.ray_runtime import use_gpu
+    parts: set[int] = field(default_factory=set)
+    embedded: int = 0
+    failed: int = 0
+    deferred: int = 0
+    deferred_error: str = ""
+    driver_bytes: int = 0  # bytes of commit records received
+
+    def add(self, records: pa.Table) -> None:
+        self.driver_bytes += records.nbytes
+        for rec in records.to_pylist():
+            if rec["part"] in self.parts:  # a re-executed write task: the same files again
+                continue
+            self.parts.add(rec["part"])
+            self.embedded += rec["embedded"]
+            self.failed += rec["failed"]
+            self.deferred += rec["deferred"]
+            self.deferred_error = rec["deferred_error"] or self.deferred_error
+
+
+def _embed(ctx: RunContext, parts: list[TodoPart], commits: Commits) -> EmbedderSpec:
+    """Run the pipeline over the to-do ``parts``; ``commits`` collects the write tasks' records.
+    ``ctx.ensure_held`` (the run-directory lock's check) runs at every record, and the write
+    tasks check the lock themselves before each commit."""
+    from semclust.ray_runtime import one_line_ray_data_errors, use_gpu
 
     ec = ctx.cfg.embed
     ctx.start_ray()
+    one_line_ray_data_errors()
     gpu = use_gpu(ec.device)
-    spec = EmbedderSpec.from_config(ec, gpu=gpu, cpus=_cpu_counts())
-    feeder = ListingFeeder(blocks, rows_ahead(ec.batch_size, ec.decode_batch_size, block_rows))
-    writer: PartWriter | None = None
-    try:
-        feeder.start()
-        logged_parts = 0
-        for batch in _pipeline(ctx, feeder.queue, spec, gpu).iter_batches(
-            batch_size=None, batch_format="numpy"
-        ):
-            if writer is None:
-                dim = int(np.asarray(batch["embedding"]).shape[1])
-                writer = PartWriter(ctx.run_dir, ec.rows_per_part, dim, ctx.ensure_held)
-            writer.add(batch)
-            feeder.received_rows(len(batch["part"]))
-            if writer.parts_committed != logged_parts:
-                logged_parts = writer.parts_committed
-                _log_progress(stream, progress, writer)
-    finally:
-        feeder.close()
-    if feeder.error is not None:
-        raise feeder.error
-    if writer is None:
-        dim = get_backbone(ec.backbone).dim
-        writer = PartWriter(ctx.run_dir, ec.rows_per_part, dim, ctx.ensure_held)
-    writer.finish(progress.rows_sent, next_part)
-    _log_progress(stream, progress, writer)
-    return spec, writer
+    plan = resources.plan(ec, gpu, resources.cluster_shape())
+    spec = EmbedderSpec.from_config(ec, threads=plan.threads)
+    ds = _pipeline(ctx, parts, spec, gpu, plan)
+    last_log = time.monotonic()
+    for records in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        commits.add(records)
+        ctx.ensure_held()
+        if time.monotonic() - last_log > _LOG_SECONDS or len(commits.parts) == len(parts):
+            last_log = time.monotonic()
+            log.info(
+                "embed: %d of %d parts committed (%d embedded, %d failed)",
+                len(commits.parts),
+                len(parts),
+                commits.embedded,
+                commits.failed,
+            )
+    missing = [p.part for p in parts if p.part not in commits.parts]
+    if missing:
+        raise RuntimeError(
+            f"the pipeline lost parts: {len(missing)} of {len(parts)} never committed (first: "
+            f"{missing[:10]}). Nothing of those parts was committed; run again with --mode resume"
+        )
+    return spec
 
 
-def _pipeline(ctx: RunContext, queue: Any, spec: EmbedderSpec, gpu: bool) -> Any:
-    """The Ray dataset: the feeder's blocks -> decode tasks -> the model actor pool. Every
-    callable runs under the run's storage settings (``ctx.bind``)."""
-    from ray.data import ActorPoolStrategy
+def _pipeline(
+    ctx: RunContext,
+    parts: list[TodoPart],
+    spec: EmbedderSpec,
+    gpu: bool,
+    plan: resources.EmbedPlan,
+) -> Any:
+    """The Ray dataset: one read task per to-do part -> decode tasks (CPU) -> the model actor
+    pool -> write tasks that commit each part and return its commit record.
+
+    Every operator takes a whole block (``batch_size=None``) and a block is one part, so a part
+    stays in one piece from its read to its commit. Every callable runs under the run's storage
+    settings (``ctx.bind``)."""
+    from ray.data import ActorPoolStrategy, TaskPoolStrategy
 
     ec = ctx.cfg.embed
-    ds = feeder_dataset(queue, ctx.bind)
+    pixel_bytes = ec.rows_per_part * spec.input_size**2 * 3
+    # The read tasks and the decode tasks ask for the same resources, so Ray Data fuses them
+    # into one task per part (read the part's URIs, read its images, decode) that runs where a
+    # decode slot is free, never on a head without CPUs. ``memory``: a part's pixels and bytes;
+    # it is also an argument the model actors do not have, which keeps Ray Data from fusing
+    # decode into the actor (with equal CPU claims and one decoder per actor it would, and
+    # decode and model would then run one after the other).
+    decode_resources = {
+        "num_cpus": ec.decode_num_cpus,
+        "memory": 2 * pixel_bytes + _DECODE_WORKER_BYTES,
+        "compute": TaskPoolStrategy(size=plan.decoders),
+    }
+    ds = todo_dataset(parts, ctx.bind, **decode_resources)
+    # A part's pixels must stay one block, not be split at Ray Data's default block target.
+    ds.context.target_max_block_size = max(ds.context.target_max_block_size or 0, 2 * pixel_bytes)
     ds = ds.map_batches(
         ctx.bind(decode_stage),
         fn_kwargs={
@@ -196,18 +240,39 @@ def _pipeline(ctx: RunContext, queue: Any, spec: EmbedderSpec, gpu: bool) -> Any
             "resize": spec.resize,
             "max_pixels": ec.max_image_pixels,
         },
-        batch_size=ec.decode_batch_size,
+        batch_size=None,
         batch_format="numpy",
-        num_cpus=ec.decode_num_cpus,
+        **decode_resources,
     )
-    return ds.map_batches(
+    ds = ds.map_batches(
         ctx.bind(EmbedActor),
         fn_constructor_kwargs={"spec": spec},
-        batch_size=ec.batch_size,
+        batch_size=None,
         batch_format="numpy",
-        compute=ActorPoolStrategy(min_size=ec.num_actors, max_size=ec.max_actors or ec.num_actors),
+        compute=ActorPoolStrategy(min_size=plan.min_actors, max_size=plan.max_actors),
         num_cpus=ec.actor_num_cpus,
         num_gpus=1 if gpu else 0,
+    )
+    log.info(
+        "embed: %d-%d model actors (%s, %s threads), %d decode tasks at once",
+        plan.min_actors,
+        plan.max_actors,
+        "GPU" if gpu else "CPU",
+        spec.threads or "default",
+        plan.decoders,
+    )
+    return ds.map_batches(
+        ctx.bind(commit_batch),
+        fn_kwargs={
+            "run_dir": ctx.run_dir,
+            "dim": get_backbone(ec.backbone).dim,
+            "lock_token": getattr(ctx.lock, "token", None),
+        },
+        batch_size=None,
+        batch_format="numpy",
+        # I/O: a token claim, so that it hardly waits for a core the decoders or the model
+        # hold, but still keeps off a head node that has no CPUs (a claim of 0 would not).
+        num_cpus=_WRITE_CPUS,
     )
 
 
@@ -253,23 +318,3 @@ def _check_resume_compatible(ctx: RunContext, chosen: dict[str, Any]) -> None:
             f"run directory {ctx.run_dir!r} holds embeddings made with other settings ({detail}); "
             "use --mode overwrite or a new --run-dir"
         )
-
-
-def _log_progress(stream: InputStream, progress: ListingProgress, writer: PartWriter) -> None:
-    log.info(
-        "embed: %d images listed%s, %d already committed, %d to do, %d done",
-        stream.listed,
-        "" if stream.done else " so far",
-        progress.already_committed,
-        progress.rows_sent,
-        writer.rows_written,
-    )
-
-
-def _cpu_counts() -> tuple[float, float]:
-    """(CPUs of the largest alive node, CPUs of the whole cluster)."""
-    import ray
-
-    alive = [node.get("Resources", {}) for node in ray.nodes() if node.get("Alive")]
-    largest = max((float(res.get("CPU", 0)) for res in alive), default=0.0)
-    return largest, float(ray.cluster_resources().get("CPU", 0))

@@ -1,18 +1,17 @@
-"""The driver's side of the embed stage's output: parts committed exactly once, and the
-bookkeeping a resume and the final check read back from the run directory.
+"""The embed stage's output: parts committed exactly once by the workers (``PartCommitter``), and
+the bookkeeping a resume and the final check read back from the run directory.
 
-A part is a fixed, numbered group of ``rows_per_part`` listed URIs. Its failures shard is
-written before its embeddings shard, and the embeddings shard is the part's commit marker: a
-crash in between leaves an orphan failures shard, which ``committed_state`` deletes so that the
-part is processed again. The stage ends with ``check_counts``: every listed image is embedded or
-a failure row, exactly once.
+A part is a fixed, numbered group of at most ``rows_per_part`` listed URIs (``embed.todo``). Its
+failures shard is written before its embeddings shard, and the embeddings shard is the part's
+commit marker: a crash in between leaves an orphan failures shard, which ``committed_state``
+deletes so that the part is processed again. The stage ends with ``check_counts``: every listed
+image is embedded or a failure row, exactly once.
 """
 
 from __future__ import annotations
 
 import logging
-from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -30,88 +29,57 @@ log = logging.getLogger(__name__)
 DEFERRED = "deferred"
 
 
-class PartWriter:
-    """Collects rows per part on the driver and commits each part when all its rows are in.
+# The commit record each write task returns to the driver: a few numbers per part, no rows.
+COMMIT_COLUMNS = ("part", "embedded", "failed", "deferred", "deferred_error")
 
-    Parts are cut in listing order, so every part but the last receives exactly
-    ``rows_per_part`` rows: a part is committed as soon as it has that many, and the last
-    (short) one in ``finish``, once the lister has said how many rows it sent. No part's size
-    has to be known before the listing ends.
 
-    Rows whose read failed for a transient reason (``DEFERRED``) are left out of both shards,
-    so a committed part may hold fewer rows; the resume numbers them into new parts.
+class PartCommitter:
+    """Ray Data write task: commits each whole part of a batch where it runs, and returns one
+    small commit record per part (``COMMIT_COLUMNS``), so embeddings never pass through the
+    driver.
+
+    A part arrives whole (the pipeline keeps one block per part; ``part_rows`` says how many
+    rows it has) and is committed under its own number: its failures shard first, then its
+    embeddings shard (the commit marker), each written atomically. A retried or re-executed task
+    rewrites the same two files with the same rows, so no row is ever committed twice. Rows whose
+    read failed for a transient reason (``DEFERRED``) are left out of both shards; the resume
+    numbers them into new parts.
+
+    ``lock_token``: the run's token in ``run.lock``, checked before every commit
+    (``lock.ensure_token``), so a run that lost its run directory stops writing there.
     """
 
-    def __init__(
-        self,
-        run_dir: str,
-        rows_per_part: int,
-        dim: int,
-        ensure_held: Callable[[], None] = lambda: None,
-    ) -> None:
+    def __init__(self, run_dir: str, dim: int, lock_token: str | None = None) -> None:
         self.run_dir = run_dir
-        self.rows_per_part = rows_per_part
         self.dim = dim
-        # Called before each commit: raises if another run has taken the run directory over.
-        self.ensure_held = ensure_held
-        self.deferred = 0  # rows whose read failed for a transient reason: not committed
-        self.deferred_error = ""
-        self.buffers: dict[int, list[dict[str, np.ndarray]]] = defaultdict(list)
-        self.counts: dict[int, int] = defaultdict(int)
-        self.rows_received = 0
-        self.rows_written = 0
-        self.failed_written = 0
-        self.parts_committed = 0
+        self.lock_token = lock_token
 
-    def add(self, batch: dict[str, np.ndarray]) -> None:
-        parts = np.asarray(batch["part"])
-        self.rows_received += len(parts)
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        parts = np.asarray(batch["part"], dtype=np.int64)
+        expected = np.asarray(batch["part_rows"], dtype=np.int64)
+        records: list[tuple[int, int, int, int, str]] = []
         for part in np.unique(parts):
-            p = int(part)
             sel = parts == part
-            self.buffers[p].append({k: np.asarray(v)[sel] for k, v in batch.items()})
-            self.counts[p] += int(sel.sum())
-            if self.counts[p] == self.rows_per_part:
-                self._commit(p)
-            elif self.counts[p] > self.rows_per_part:
-                raise RuntimeError(f"part {p} received more than {self.rows_per_part} rows")
+            got, want = int(sel.sum()), int(expected[sel][0])
+            if got != want:  # a bug in how blocks are cut, not a user error
+                raise RuntimeError(f"part {int(part)} reached the writer as {got} of {want} rows")
+            cols = {k: np.asarray(v)[sel] for k, v in batch.items() if k != "pixels"}
+            records.append(self._commit(int(part), cols))
+        return {
+            name: np.asarray([r[i] for r in records], dtype=object if i == 4 else np.int64)
+            for i, name in enumerate(COMMIT_COLUMNS)
+        }
 
-    def finish(self, rows_sent: int, first_part: int) -> None:
-        """Commit the last, short part; raise if the rows received differ from those sent.
+    def _commit(self, part: int, cols: dict[str, np.ndarray]) -> tuple[int, int, int, int, str]:
+        from semclust.lock import ensure_token
 
-        ``rows_sent`` rows were numbered from ``first_part`` on, so parts ``first_part ..
-        last - 1`` must be full (and already committed) and the last one holds the rest.
-        """
-        if rows_sent == 0:
-            if self.rows_received:
-                raise RuntimeError(f"the pipeline returned {self.rows_received} unexpected rows")
-            return
-        n_parts = -(-rows_sent // self.rows_per_part)
-        last = first_part + n_parts - 1
-        last_rows = rows_sent - (n_parts - 1) * self.rows_per_part
-        pending = dict(self.counts)
-        short = {p: c for p, c in pending.items() if not (p == last and c == last_rows)}
-        if short or self.rows_received != rows_sent:
-            missing = {
-                p: (last_rows if p == last else self.rows_per_part) - c for p, c in short.items()
-            }
-            raise RuntimeError(
-                f"the pipeline lost rows: the lister sent {rows_sent} rows, the writer received "
-                f"{self.rows_received}; parts never completed (part: rows missing): {missing}. "
-                "Nothing of those parts was committed; run again with --mode resume"
-            )
-        if last in pending:
-            self._commit(last)
-
-    def _commit(self, part: int) -> None:
-        chunks = self.buffers.pop(part)
-        cols = {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
         errors = cols["error"].astype(object)
         ok = errors == ""
         deferred = cols["error_stage"].astype(object) == DEFERRED
         failed = ~ok & ~deferred
         name = f"part-{part:05d}.parquet"
-        self.ensure_held()
+        if self.lock_token is not None:
+            ensure_token(self.run_dir, self.lock_token)
         if failed.any():
             storage.write_parquet(
                 storage.join(self.run_dir, layout.FAILURES, name), _failures(cols, failed)
@@ -119,13 +87,7 @@ class PartWriter:
         storage.write_parquet(
             storage.join(self.run_dir, layout.EMBEDDINGS, name), _embeddings(cols, ok, self.dim)
         )
-        self.rows_written += int(ok.sum() + failed.sum())
-        self.failed_written += int(failed.sum())
-        self.deferred += int(deferred.sum())
-        if deferred.any():
-            self.deferred_error = str(errors[deferred][-1])
-        self.parts_committed += 1
-        del self.counts[part]
+        last_deferred = str(errors[deferred][-1]) if deferred.any() else ""
         log.info(
             "committed %s: %d embedded, %d failed%s",
             name,
@@ -135,6 +97,15 @@ class PartWriter:
             if deferred.any()
             else "",
         )
+        return part, int(ok.sum()), int(failed.sum()), int(deferred.sum()), last_deferred
+
+
+def commit_batch(
+    batch: dict[str, np.ndarray], run_dir: str, dim: int, lock_token: str | None
+) -> dict[str, np.ndarray]:
+    """The write task (a Ray Data map over the model's output): ``PartCommitter`` as a function,
+    so Ray Data runs it as plain tasks, not actors."""
+    return PartCommitter(run_dir, dim, lock_token)(batch)
 
 
 def _failures(cols: dict[str, np.ndarray], rows: np.ndarray) -> pa.Table:

@@ -7,6 +7,7 @@ from semclust import storage
 
 EMBEDDINGS = "embeddings"  # part-NNNNN.parquet; a shard here is a committed part
 FAILURES = "failures"  # part-NNNNN.parquet, written before its embeddings shard
+EMBED_TODO = "embed-todo"  # the embed stage's to-do parts while it runs (embed.todo)
 MODEL = "model"  # k-means centroids, PCA, kmeans.json (written last)
 ASSIGNMENTS = "assignments"  # k-means; assignments_<method> for a refine head
 KNN = "knn"

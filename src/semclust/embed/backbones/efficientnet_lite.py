@@ -91,12 +91,17 @@ def _relu6(name: str) -> layers.ReLU:
     return layers.ReLU(max_value=6.0, name=name)
 
 
-def build_efficientnet_lite0(input_size: int = 224, include_top: bool = False) -> keras.Model:
+def build_efficientnet_lite0(
+    input_size: int = 224, include_top: bool = False, initializer: str = "glorot_uniform"
+) -> keras.Model:
     """Build an (unweighted) EfficientNet-Lite0.
 
     Args:
         input_size: side S of the square input.
         include_top: add the 1000-way ImageNet classifier.
+        initializer: Keras initializer of the conv and dense kernels. ``"zeros"`` when weights
+            are loaded next: on the JAX backend every random kernel shape is an XLA compile
+            (about 30 s of CPU for this model), all wasted when the values are overwritten.
 
     Returns:
         A ``keras.Model`` taking float32 RGB images in [0, 255] of shape (None, S, S, 3); it
@@ -108,9 +113,10 @@ def build_efficientnet_lite0(input_size: int = 224, include_top: bool = False) -
     inputs = keras.Input(shape=(input_size, input_size, 3), dtype="float32", name="image")
     # Normalisation inside the model so it runs on the accelerator with the rest.
     x = layers.Rescaling(scale=1.0 / 128.0, offset=-127.0 / 128.0, name="rescale")(inputs)
+    init = {"kernel_initializer": initializer}
     # padding="same" is TF SAME (pads bottom/right more), matching the TF-trained weights.
     x = layers.Conv2D(
-        _STEM_CHANNELS, 3, strides=2, padding="same", use_bias=False, name="stem_conv"
+        _STEM_CHANNELS, 3, strides=2, padding="same", use_bias=False, name="stem_conv", **init
     )(x)
     x = _bn("stem_bn")(x)
     x = _relu6("stem_relu")(x)
@@ -120,27 +126,39 @@ def build_efficientnet_lite0(input_size: int = 224, include_top: bool = False) -
         shortcut = x
         if b.expand_ratio != 1:
             x = layers.Conv2D(
-                b.in_ch * b.expand_ratio, 1, padding="same", use_bias=False, name=p + "expand_conv"
+                b.in_ch * b.expand_ratio,
+                1,
+                padding="same",
+                use_bias=False,
+                name=p + "expand_conv",
+                **init,
             )(x)
             x = _bn(p + "expand_bn")(x)
             x = _relu6(p + "expand_relu")(x)
         x = layers.DepthwiseConv2D(
-            b.kernel, strides=b.stride, padding="same", use_bias=False, name=p + "dwconv"
+            b.kernel,
+            strides=b.stride,
+            padding="same",
+            use_bias=False,
+            name=p + "dwconv",
+            depthwise_initializer=initializer,
         )(x)
         x = _bn(p + "dw_bn")(x)
         x = _relu6(p + "dw_relu")(x)
-        x = layers.Conv2D(b.out_ch, 1, padding="same", use_bias=False, name=p + "project_conv")(x)
+        x = layers.Conv2D(
+            b.out_ch, 1, padding="same", use_bias=False, name=p + "project_conv", **init
+        )(x)
         x = _bn(p + "project_bn")(x)
         # Linear bottleneck: no activation after the projection.
         if b.stride == 1 and b.in_ch == b.out_ch:
             x = layers.Add(name=p + "add")([x, shortcut])
 
-    x = layers.Conv2D(EMBEDDING_DIM, 1, padding="same", use_bias=False, name="head_conv")(x)
+    x = layers.Conv2D(EMBEDDING_DIM, 1, padding="same", use_bias=False, name="head_conv", **init)(x)
     x = _bn("head_bn")(x)
     x = _relu6("head_relu")(x)
     x = layers.GlobalAveragePooling2D(name="avg_pool")(x)
     if include_top:
-        x = layers.Dense(NUM_CLASSES, name="predictions")(x)
+        x = layers.Dense(NUM_CLASSES, name="predictions", **init)(x)
     return keras.Model(inputs, x, name="efficientnet_lite0")
 
 

@@ -51,7 +51,9 @@ def build(input_size: int, weights_file: str | None, seed: int) -> keras.Model:
 
     if weights_file is None:
         keras.utils.set_random_seed(seed)
-    model = efficientnet_lite.build_efficientnet_lite0(input_size)
+    # Kernels about to be overwritten need no random draws (slow to compile on JAX).
+    initializer = "glorot_uniform" if weights_file is None else "zeros"
+    model = efficientnet_lite.build_efficientnet_lite0(input_size, initializer=initializer)
     if weights_file is None:
         return model
     if weights_file.endswith(".pth"):

@@ -81,6 +81,13 @@ def _configure_tensorflow(threads: int | None) -> bool:
     return bool(gpus)
 
 
+def _jax_on_gpu() -> bool:
+    """Whether JAX runs on a GPU (its default backend), for ``precision="auto"``."""
+    import jax
+
+    return jax.default_backend() == "gpu"
+
+
 class Embedder:
     """One backbone model and its batched call; built once per actor (or per search process).
 
@@ -108,7 +115,11 @@ class Embedder:
             raise ValueError(f"precision={precision!r}; choose one of {', '.join(PRECISIONS)}")
         configure_keras_backend(keras_backend)
         self.spec = get_backbone(backbone)
-        on_gpu = _configure_tensorflow(threads) if keras_backend == "tensorflow" else False
+        if keras_backend == "tensorflow":
+            on_gpu = _configure_tensorflow(threads)
+        else:
+            # Without this, "auto" meant float32 (and the log said CPU) on a GPU under JAX.
+            on_gpu = keras_backend == "jax" and _jax_on_gpu()
         import keras
 
         mixed = precision == "mixed" or (precision == "auto" and on_gpu)
