@@ -33,3 +33,20 @@ def test_ray_datas_retry_note_is_not_part_of_the_message():
     code, message = explain(ConnectionResetError(104, "AWS Error NETWORK_CONNECTION" + note))
     assert code == 1 and "\n" not in message and "DataContext" not in message
     assert "AWS Error NETWORK_CONNECTION" in message and "--mode resume" in message
+
+
+def test_the_error_inside_ray_datas_user_code_exception_is_the_one_reported():
+    import errno
+
+    from ray.exceptions import UserCodeException
+
+    from semclust.cli import explain
+    from semclust.errors import remote_cause
+
+    disk_full = OSError(errno.ENOSPC, "No space left on device")
+    try:
+        raise UserCodeException("UDF failed to process a data block.") from disk_full
+    except UserCodeException as wrapped:
+        assert remote_cause(wrapped) is disk_full
+        code, message = explain(wrapped)
+    assert code == 1 and message.startswith("no space left on the device")

@@ -47,6 +47,10 @@ def remote_cause(exc: BaseException) -> BaseException:
             # An actor whose __init__ raised: ActorDiedError keeps that task's error in args.
             cause = next((a for a in exc.args if isinstance(a, BaseException)), None)
         if cause is None:
+            # Ray Data's UserCodeException ("UDF failed to process a data block") raises from
+            # the task's own error.
+            cause = exc.__cause__
+        if cause is None:
             break
         exc, seen = cause, seen + 1
     return exc

@@ -233,6 +233,9 @@ def _pipeline(
     ds = todo_dataset(parts, ctx.bind, **decode_resources)
     # A part's pixels must stay one block, not be split at Ray Data's default block target.
     ds.context.target_max_block_size = max(ds.context.target_max_block_size or 0, 2 * pixel_bytes)
+    # A task's own error (a full disk, an unreachable store, a lost lock) reaches the driver as
+    # itself, not as a UserCodeException whose cause is lost on the way.
+    ds.context.raise_original_map_exception = True
     ds = ds.map_batches(
         ctx.bind(decode_stage),
         fn_kwargs={
