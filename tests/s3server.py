@@ -130,3 +130,15 @@ def _wait_ready(server: S3Server, timeout: float) -> None:
                 tail = (server.data_dir / "weed.log").read_text(errors="replace")[-2000:]
                 raise RuntimeError(f"SeaweedFS did not start: {exc}\n{tail}") from exc
             time.sleep(0.2)
+
+
+def upload_folder(client, bucket: str, root: Path, prefix: str) -> int:
+    """Every file under ``root`` to ``s3://bucket/prefix/<relative path>``; how many."""
+    n = 0
+    for path in sorted(root.rglob("*")):
+        if path.is_file():
+            client.put_object(
+                Bucket=bucket, Key=f"{prefix}/{path.relative_to(root)}", Body=path.read_bytes()
+            )
+            n += 1
+    return n

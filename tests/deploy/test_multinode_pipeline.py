@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.deploy.rayhead import kill_tree
+from tests.s3server import upload_folder
 
 pytestmark = pytest.mark.slow
 
@@ -24,24 +25,13 @@ STAGES = ("embed", "cluster", "graph", "index")
 TIMEOUT = 840  # under pytest's 900 s per test, which the first test's fixture counts against
 
 
-def _upload(client, bucket: str, root: Path, prefix: str) -> int:
-    n = 0
-    for path in sorted(root.rglob("*")):
-        if path.is_file():
-            client.put_object(
-                Bucket=bucket, Key=f"{prefix}/{path.relative_to(root)}", Body=path.read_bytes()
-            )
-            n += 1
-    return n
-
-
 @pytest.fixture(scope="module")
 def report(s3_server, demo_images, tmp_path_factory) -> dict:
     """Run the script once (it takes minutes); its JSON report."""
     bucket = "t-multinode-pipeline"
     client = s3_server.client()
     client.create_bucket(Bucket=bucket)
-    assert _upload(client, bucket, demo_images, "images") == 76  # with README.txt
+    assert upload_folder(client, bucket, demo_images, "images") == 76  # with README.txt
     tmp = tmp_path_factory.mktemp("multinode-pipeline")
     report_path = tmp / "report.json"
     env = dict(os.environ, RAY_AUTH_MODE="disabled", TF_CPP_MIN_LOG_LEVEL="2")

@@ -18,23 +18,13 @@ import pytest
 from semclust import runner, storage
 from semclust.config import load_config
 from tests.faults import embed_command
+from tests.s3server import upload_folder
 
 pytestmark = pytest.mark.slow
 
 
 def run_embed(cfg) -> dict:
     return runner.run_stages(cfg, ["embed"])["embed"]
-
-
-def _upload_folder(client, bucket: str, root: Path, prefix: str) -> int:
-    n = 0
-    for path in sorted(root.rglob("*")):
-        if path.is_file():
-            client.put_object(
-                Bucket=bucket, Key=f"{prefix}/{path.relative_to(root)}", Body=path.read_bytes()
-            )
-            n += 1
-    return n
 
 
 def _cfg(input_uri: str, run_dir: str, **extra):
@@ -70,7 +60,7 @@ def _read_run(run_dir: str) -> tuple[dict[str, np.ndarray], list[tuple[str, str]
 
 def test_prefix_manifest_and_tar_shards_s3_to_s3(ray_local, s3_server, s3_bucket, demo_images):
     client = s3_server.client()
-    n_files = _upload_folder(client, s3_bucket, demo_images, "images")
+    n_files = upload_folder(client, s3_bucket, demo_images, "images")
     assert n_files == 76  # 72 photos, 3 unusable, README.txt
 
     record = run_embed(_cfg(f"s3://{s3_bucket}/images/", f"s3://{s3_bucket}/runs/prefix"))
@@ -193,7 +183,7 @@ def test_workers_get_the_storage_settings_from_the_config(s3_server, s3_bucket, 
     the Ray workers it starts have no AWS_ENDPOINT_URL in their environment, so the lister, the
     read task, the decode tasks and the model actors reach the store only through the settings
     the run binds to them. A short retry budget: a worker without them fails fast."""
-    _upload_folder(s3_server.client(), s3_bucket, demo_images, "images")
+    upload_folder(s3_server.client(), s3_bucket, demo_images, "images")
     env = {
         k: v
         for k, v in os.environ.items()
@@ -225,7 +215,7 @@ def test_killed_job_resumes_without_repeating_or_losing_an_image(
     s3_server, s3_bucket, demo_images, tmp_path
 ):
     client = s3_server.client()
-    _upload_folder(client, s3_bucket, demo_images, "images")
+    upload_folder(client, s3_bucket, demo_images, "images")
     run_dir = f"s3://{s3_bucket}/runs/killed"
     cmd = embed_command(f"s3://{s3_bucket}/images/", run_dir, rows_per_part=10, batch_size=5)
     log = tmp_path / "killed.log"
