@@ -4,6 +4,9 @@ floors, near-duplicate groups, resume, and the summary line."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -13,6 +16,7 @@ from semclust import runner
 from semclust.clustering import graph_stage
 from semclust.config import load_config
 from semclust.rundir.tables import read_knn
+from tests import faults
 from tests.clustering.synthetic import brute_force_knn, planted, write_run
 
 
@@ -63,16 +67,25 @@ def test_approximate_graph_meets_its_recall_floor(ray_local, tmp_path, method):
     overrides = {
         "graph.k": 10,
         "graph.method": method,
-        "graph.nprobe": 16,
+        "graph.target_recall": 0.95,
         "graph.min_recall": 0.9,
         "graph.recall_sample": 500,
         "graph.duplicate_threshold": "none",
+        "graph.batch_memory": "1MB",  # 8,192 rows of 32-d: several batches, two per shard
     }
     record = run_graph(_cfg(tmp_path, **overrides))
     assert record["status"] == "done" and record["rows"] == 20_000
     assert record["recall"]["queries"] == 500
     recorded = record["recall"]["recall_at_k"]
     assert recorded >= 0.9
+    # The depth is the smallest that reached the target on the tuning sample.
+    depth = record["nprobe" if method == "ivf" else "ef_search"]
+    tuning = record["tuning"]
+    assert tuning["chosen_by"] == "target_recall" and tuning["queries"] == 500
+    assert tuning["tried"][-1][0] == depth and tuning["tried"][-1][1] >= 0.95
+    assert all(r < 0.95 for _, r in tuning["tried"][:-1])
+    if method == "ivf":
+        assert record["search"] == "bucketed" and record["batches"] == 2  # one shard each
     assert not (tmp_path / "knn" / ".graph-index").exists()  # the temporary index is gone
     # Our own recall@10 on other rows, against float64 brute force.
     graph = _graph(tmp_path)
@@ -96,7 +109,7 @@ def test_recall_under_the_floor_fails_the_stage(ray_local, tmp_path):
     overrides = {
         "graph.method": "ivf",
         "graph.nlist": 256,
-        "graph.nprobe": 1,
+        "graph.nprobe": 1,  # set: not tuned
         "graph.min_recall": 0.99,
         "graph.recall_sample": 200,
     }
@@ -104,6 +117,7 @@ def test_recall_under_the_floor_fails_the_stage(ray_local, tmp_path):
         run_graph(_cfg(tmp_path, **overrides))
     info = json.loads((tmp_path / "run.json").read_text())["stages"]["graph"]
     assert info["status"] == "failed" and info["recall"]["recall_at_k"] < 0.99
+    assert info["nprobe"] == 1 and info["tuning"] == {"chosen_by": "config"}
 
 
 def test_duplicates_for_planted_near_copies_and_none_for_distinct(ray_local, tmp_path):
@@ -175,3 +189,48 @@ def test_too_few_images_stop_before_anything_runs(tmp_path):
     with pytest.raises(ValueError, match="a kNN graph needs at least 2 embedded images"):
         run_graph(_cfg(tmp_path))
     assert (tmp_path / "run.json").read_text() == before
+
+
+def test_a_killed_ivf_graph_resumes_to_the_uninterrupted_graph(tmp_path):
+    """SIGKILL the whole job (driver and Ray) once the IVF index is stored, before any part is
+    searched; the rerun uses the stored index, tunes to the same depth and writes the same graph
+    as a run never interrupted."""
+    x, _, _ = planted(30_000, 60, 32, noise=1.2, seed=8)
+    runs = {name: tmp_path / name for name in ("killed", "whole")}
+    for run_dir in runs.values():
+        write_run(run_dir, x, rows_per_part=3_000)
+    env = {**os.environ, "RAY_ADDRESS": "local"}
+
+    def cmd(run_dir):
+        return [
+            sys.executable,
+            "-m",
+            "semclust.cli",
+            "graph",
+            "--run-dir",
+            str(run_dir),
+            "--graph-method",
+            "ivf",
+            "--set",
+            "graph.recall_sample=300",
+        ]
+
+    index = runs["killed"] / "knn" / ".graph-index" / "index.faiss"
+    proc = faults.start_and_wait(cmd(runs["killed"]), env, lambda _pid: index.exists())
+    faults.stop_group(proc)
+    assert index.exists() and not list((runs["killed"] / "knn").glob("part-*.parquet"))
+    for run_dir in runs.values():
+        done = subprocess.run(cmd(run_dir), env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+    records = {
+        name: json.loads((d / "run.json").read_text())["stages"]["graph"]
+        for name, d in runs.items()
+    }
+    assert "index_build" not in records["killed"]  # the stored index was used, not rebuilt
+    assert "index_build" in records["whole"]
+    assert records["killed"]["nprobe"] == records["whole"]["nprobe"]
+    assert records["killed"]["recall"]["recall_at_k"] == records["whole"]["recall"]["recall_at_k"]
+    killed, whole = read_knn(str(runs["killed"])), read_knn(str(runs["whole"]))
+    for got, want in zip(killed, whole, strict=True):
+        np.testing.assert_array_equal(got, want)
+    assert not index.exists()

@@ -1,9 +1,11 @@
-"""The graph stage: a FAISS kNN graph of every embedding, queries sharded over Ray actors
-(``knn``), then near-duplicate groups (``duplicates``).
+"""The graph stage: a FAISS kNN graph of every embedding, batches of query shards spread over
+Ray actors (``knn``), then near-duplicate groups (``duplicates``).
 
-An approximate graph's recall@k is measured against exact search on a seeded sample of queries
-and goes into run.json; under ``graph.min_recall`` the stage fails. Resume: with the same
-settings only missing ``knn/`` parts are searched, and a finished graph is left as it is.
+An approximate graph's search depth is tuned to ``graph.target_recall`` on one seeded sample of
+queries; its recall@k is then measured against exact search on a second, held-out sample and goes
+into run.json; under ``graph.min_recall`` the stage fails. Resume: with the same settings only
+missing ``knn/`` parts are searched (the stored index and the tuning's deterministic answer are
+the same), and a finished graph is left as it is.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import logging
 from dataclasses import asdict
 from typing import Any
 
+import numpy as np
+
 from semclust import runinfo, storage
 from semclust.clustering.duplicates import write_duplicates
 from semclust.clustering.knn import (
@@ -19,14 +23,19 @@ from semclust.clustering.knn import (
     GRAPH_SEED,
     GraphSearcher,
     actor_plan,
+    batch_groups,
     build_graph_index,
     choose_method,
-    exact_recall,
+    depth_name,
+    drop_self,
+    exact_neighbors,
     graph_spec,
     recall_queries,
 )
+from semclust.config import GraphConfig, parse_bytes
 from semclust.context import RunContext
 from semclust.errors import RunFailed, UserError
+from semclust.index.exact import recall_at_k
 from semclust.index.factory import IndexSpec
 from semclust.index.faiss_ops import remote_options, task_resources
 from semclust.rundir.embeddings import ShardSet
@@ -36,6 +45,7 @@ from semclust.rundir.tables import part_uri
 log = logging.getLogger(__name__)
 
 _METHOD_NAMES = {"exact": "exact (flat)", "ivf": "ivf", "hnsw": "hnsw"}
+_UNTUNED_DEPTH = 16  # nprobe / efSearch when recall_sample=0 leaves nothing to tune on
 
 
 def settings(ctx: RunContext) -> dict[str, Any]:
@@ -83,15 +93,12 @@ def run(ctx: RunContext) -> dict[str, Any]:
         "method": _METHOD_NAMES[method],
         "index": spec.factory,
         "device": "gpu" if gpu and method != "hnsw" else "cpu",
-        **({"nprobe": gc.nprobe} if method == "ivf" else {}),
-        **({"ef_search": gc.ef_search} if method == "hnsw" else {}),
     }
     index_uri = storage.join(run_dir, KNN, GRAPH_INDEX) if method != "exact" else None
-    check_recall = method != "exact" and gc.recall_sample > 0
-    if index_uri is not None and (pending or check_recall) and not storage.exists(index_uri):
+    if index_uri is not None and not storage.exists(index_uri):
         ctx.ensure_held()
         record["index_build"] = _build_index(ctx, shards, spec, index_uri)
-    record.update(_search(ctx, shards, spec, index_uri, k, pending, check_recall, gpu))
+    record.update(_search(ctx, shards, spec, index_uri, k, pending, gpu))
     if gc.duplicate_threshold is not None:
         ctx.ensure_held()
         record["duplicates"] = write_duplicates(run_dir, shards, gc.duplicate_threshold)
@@ -121,6 +128,24 @@ def _build_index(
     return {**stats, "seconds": build_time["seconds"]}
 
 
+class _Probe:
+    """Two disjoint seeded samples of rows of the run and their exact neighbours: ``tune`` sets
+    an approximate graph's search depth, ``held_out`` measures the recall reported."""
+
+    def __init__(self, ctx: RunContext, shards: ShardSet, k: int, sample: int) -> None:
+        gc = ctx.cfg.graph
+        # One read of the shards for both samples: 2 x sample distinct rows, split at random.
+        ids, rows = recall_queries(shards, min(2 * sample, shards.total), GRAPH_SEED)
+        order = np.random.default_rng(GRAPH_SEED).permutation(len(ids))
+        tune, held_out = np.sort(order[: len(ids) // 2]), np.sort(order[len(ids) // 2 :])
+        self.tune = ids[tune], rows[tune]
+        self.held_out = ids[held_out], rows[held_out]
+        with runinfo.timed("graph exact neighbours of the recall samples") as exact_time:
+            truth = exact_neighbors(ctx, shards, ids, rows, k, gc.metric)
+        self.tune_truth, self.held_out_truth = truth[tune], truth[held_out]
+        self.exact_seconds = exact_time["seconds"]
+
+
 def _search(
     ctx: RunContext,
     shards: ShardSet,
@@ -128,57 +153,91 @@ def _search(
     index_uri: str | None,
     k: int,
     pending: list[str],
-    check_recall: bool,
     gpu: bool,
 ) -> dict[str, Any]:
-    """Write the ``pending`` shards' ``knn/`` parts in a pool of searcher actors and, with
-    ``check_recall``, measure recall@k on seeded queries; the record's rows, timings, recall."""
+    """Write the ``pending`` shards' ``knn/`` parts in a pool of searcher actors, batch by batch;
+    for an approximate graph first tune its depth, then measure recall on held-out queries.
+    The record's rows, depth, tuning, timings and recall."""
     from ray.util import ActorPool
 
     gc = ctx.cfg.graph
     ray = ctx.start_ray()
     rows_of = dict(zip(shards.uris, shards.rows, strict=True))
     rows = shards.total - sum(rows_of[u] for u in pending)
-    probe = None
+    depth = depth_name(spec)
+    fixed = {"nprobe": gc.nprobe, "ef_search": gc.ef_search}.get(depth or "")
+    sample = min(gc.recall_sample, shards.total)
+    # The exact neighbours are Ray tasks: they run before the actors claim the CPUs.
+    probe = _Probe(ctx, shards, k, sample) if depth and sample > 0 else None
+    out: dict[str, Any] = {}
     with runinfo.timed("graph queries") as query_time:
-        actors = []
-        if pending or check_recall:
-            n_actors, cpus = actor_plan(gc, gpu, max(1, len(pending)))
-            num_gpus = 1 if gpu and spec.kind != "hnsw" else 0
-            actor_cls = ctx.remote(
-                GraphSearcher, **remote_options(num_cpus=cpus, num_gpus=num_gpus)
-            )
-            actors = [actor_cls.remote(shards, spec, index_uri, gc, cpus) for _ in range(n_actors)]
+        n_actors, cpus = actor_plan(gc, gpu, max(1, len(pending)))
+        num_gpus = 1 if gpu and spec.kind != "hnsw" else 0
+        actor_cls = ctx.remote(GraphSearcher, **remote_options(num_cpus=cpus, num_gpus=num_gpus))
+        actors = [actor_cls.remote(shards, spec, index_uri, gc, cpus) for _ in range(n_actors)]
         try:
+            if depth:
+                out[depth], out["tuning"] = _choose_depth(ray, actors[0], probe, fixed, k, gc)
+                ray.get([a.set_depth.remote(out[depth]) for a in actors])
+            bucketed = gc.bucketed and spec.kind == "ivf_flat" and not num_gpus
+            out["search"] = "bucketed" if bucketed else "plain"
             if pending:
                 ctx.ensure_held()
+                batch_rows = max(1, parse_bytes(gc.batch_memory) // (4 * shards.dim))
+                batches = batch_groups(pending, [rows_of[u] for u in pending], batch_rows, n_actors)
                 rows += sum(
                     ActorPool(actors).map_unordered(
-                        lambda a, u: a.graph_shard.remote(
-                            u, part_uri(ctx.run_dir, KNN, u), k, gc.query_batch_size
+                        lambda a, b: a.graph_batch.remote(
+                            b, [part_uri(ctx.run_dir, KNN, u) for u in b], k
                         ),
-                        pending,
+                        batches,
                     )
                 )
-            if check_recall:
-                query_ids, queries = recall_queries(shards, gc.recall_sample, GRAPH_SEED)
-                found, found_sims = ray.get(actors[0].search.remote(queries, k + 1))
-                probe = (query_ids, queries, found, found_sims)
+                out["batches"] = len(batches)
+            if probe is not None:
+                ids, queries = probe.held_out
+                found, sims = ray.get(actors[0].search.remote(queries, k + 1))
+                found = drop_self(ids, found, sims, k)[0]
+                out["recall"] = {
+                    "recall_at_k": round(recall_at_k(found, probe.held_out_truth), 5),
+                    "queries": len(ids),
+                    "exact_seconds": probe.exact_seconds,
+                }
         finally:  # free their CPUs/GPUs for what follows, also after a failure
             for actor in actors:
                 ray.kill(actor)
     if rows != shards.total:
         raise RuntimeError(f"the graph covers {rows} rows but the shards hold {shards.total}")
-    out: dict[str, Any] = {"rows": rows, "query_seconds": query_time["seconds"]}
-    if probe is not None:
-        with runinfo.timed("graph recall check") as recall_time:
-            recall = exact_recall(ctx, shards, *probe, k, gc.metric)
-        out["recall"] = {
-            "recall_at_k": round(recall, 5),
-            "queries": len(probe[0]),
-            "seconds": recall_time["seconds"],
-        }
-    return out
+    return {"rows": rows, "actors": n_actors, "query_seconds": query_time["seconds"], **out}
+
+
+def _choose_depth(
+    ray: Any, actor: Any, probe: _Probe | None, fixed: int | None, k: int, gc: GraphConfig
+) -> tuple[int, dict[str, Any]]:
+    """The search depth: ``fixed`` when set, else tuned on the probe's tuning sample (without
+    one, recall_sample=0, a fixed fallback); with the tuning's record."""
+    if fixed is not None:
+        return fixed, {"chosen_by": "config"}
+    if probe is None:
+        log.warning(
+            "graph.recall_sample=0: the search depth cannot be tuned; using %d", _UNTUNED_DEPTH
+        )
+        return _UNTUNED_DEPTH, {"chosen_by": "default (no recall sample)"}
+    ids, queries = probe.tune
+    tuned = ray.get(actor.tune.remote(ids, queries, probe.tune_truth, k, gc.target_recall))
+    if tuned["recall"] < gc.target_recall:
+        log.warning(
+            "graph: the deepest search reaches recall@%d %.4f, under graph.target_recall=%s",
+            k,
+            tuned["recall"],
+            gc.target_recall,
+        )
+    return int(tuned["value"]), {
+        "chosen_by": "target_recall",
+        "target_recall": gc.target_recall,
+        "queries": len(ids),
+        "tried": tuned["tried"],
+    }
 
 
 class RecallUnderFloor(RunFailed):
@@ -199,6 +258,7 @@ def _check_recall_floor(ctx: RunContext, record: dict[str, Any], method: str) ->
     k = record["k"]
     raise RecallUnderFloor(
         f"the {method} graph's recall@{k} is {recall:.4f}, under graph.min_recall="
-        f"{gc.min_recall}: raise --graph-nprobe (now {gc.nprobe}) or use --graph-method exact",
+        f"{gc.min_recall}: raise --graph-target-recall (now {gc.target_recall}), set a larger "
+        "--graph-nprobe, or use --graph-method exact",
         record,
     )

@@ -229,14 +229,24 @@ class GraphConfig:
     # exact | ivf | hnsw | auto (exact up to exact_max_rows, else ivf)
     method: str = flag("auto", "--graph-method", "auto | exact | ivf | hnsw")
     exact_max_rows: int | None = None  # None: 4,000,000 with a GPU, 50,000 on CPU
-    # IVF lists; None: about 4 sqrt(N)
-    nlist: int | None = flag(None, "--graph-nlist", "IVF lists (default about 4 sqrt(N))")
-    # IVF lists visited per query
-    nprobe: int = flag(32, "--graph-nprobe", "IVF lists searched per query")
+    # IVF lists; None: a power of two near max(sqrt(N), N / 1024) (knn.graph_nlist)
+    nlist: int | None = flag(None, "--graph-nlist", "IVF lists (default near max(sqrt N, N/1024))")
+    # An approximate graph's nprobe (IVF) or efSearch (HNSW) is the smallest that reaches this
+    # recall@k on a seeded sample of queries against exact search; the reported recall is then
+    # measured on a second, held-out sample.
+    target_recall: float = flag(
+        0.95, "--graph-target-recall", "recall@k the IVF/HNSW search is tuned to reach"
+    )
+    # IVF lists visited per query; None: tuned to target_recall
+    nprobe: int | None = flag(None, "--graph-nprobe", "IVF lists searched (default: tuned)")
     hnsw_m: int = 32
     ef_construction: int = 80
-    ef_search: int = 128
-    # GPU only: store the exact index's vectors in float16
+    ef_search: int | None = None  # None: tuned to target_recall
+    # IVF on CPU: a batch's queries are bucketed by IVF list so that each list is scanned once
+    # per batch as one matrix product (faiss.contrib.big_batch_search), instead of per query.
+    bucketed: bool = True
+    # queries searched together; a batch's vectors take at most this much memory
+    batch_memory: str = "512MB"
     fp16: bool = flag(False, "--fp16", "GPU exact graph: store vectors in float16", const=True)
     # query actors; None = one per GPU, else 1
     num_actors: int | None = flag(None, "--graph-actors", "Ray actors answering kNN queries")
@@ -255,15 +265,21 @@ class GraphConfig:
     max_train_memory: str = "2GB"  # IVF training sample cap (float32 rows)
 
     def __post_init__(self) -> None:
-        for name in ("k", "nprobe", "hnsw_m", "ef_construction", "ef_search", "query_batch_size"):
+        for name in ("k", "hnsw_m", "ef_construction", "query_batch_size"):
             _positive(f"graph.{name}", getattr(self, name))
-        for name in ("num_actors", "actor_num_cpus", "nlist", "exact_max_rows"):
+        for name in (
+            *("num_actors", "actor_num_cpus", "nlist"),
+            *("exact_max_rows", "nprobe", "ef_search"),
+        ):
             if getattr(self, name) is not None:
                 _positive(f"graph.{name}", getattr(self, name))
         _positive("graph.recall_sample", self.recall_sample, allow_zero=True)
         if self.min_recall is not None and not 0 <= self.min_recall <= 1:
             raise ValueError(f"graph.min_recall must be in [0, 1], got {self.min_recall}")
+        if not 0 < self.target_recall <= 1:
+            raise ValueError(f"graph.target_recall must be in (0, 1], got {self.target_recall}")
         parse_bytes(self.max_train_memory, "graph.max_train_memory")
+        parse_bytes(self.batch_memory, "graph.batch_memory")
         _choice("graph.metric", self.metric, GRAPH_METRICS)
         _choice("graph.method", self.method, GRAPH_METHODS)
         _choice("graph.device", self.device, DEVICES)

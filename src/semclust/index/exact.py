@@ -24,28 +24,34 @@ def similarity_space(x: np.ndarray, metric: str) -> np.ndarray:
 
 
 def shard_topk(
-    shard_uri: str, queries: np.ndarray, k: int, metric: str, threads: int = 1
+    shard_uris: str | list[str], queries: np.ndarray, k: int, metric: str, threads: int = 1
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Exact top-k of float32 (q, D) queries in one shard.
+    """Exact top-k of float32 (q, D) queries in one shard, or in a group of shards.
 
     Returns (image ids int64 (q, k), similarities float32 (q, k)), best first; similarity is the
-    cosine for ``cosine`` and minus the squared L2 distance for ``l2``. Where the shard has fewer
-    than k rows the missing places hold id -1 and similarity -inf.
+    cosine for ``cosine`` and minus the squared L2 distance for ``l2``. Where the shards have
+    fewer than k rows the missing places hold id -1 and similarity -inf.
     """
     import faiss
 
     faiss.omp_set_num_threads(threads)
-    ids, vectors = read_checked(shard_uri, queries.shape[1])
-    x = similarity_space(vectors, metric)
-    index = faiss.IndexFlatIP(x.shape[1]) if metric == "cosine" else faiss.IndexFlatL2(x.shape[1])
-    index.add(x)
-    scores, rows = index.search(similarity_space(queries, metric), min(k, len(ids)))
-    sims = scores if metric == "cosine" else -scores
-    out_ids = np.full((len(queries), k), -1, dtype=np.int64)
-    out_sims = np.full((len(queries), k), -np.inf, dtype=np.float32)
-    out_ids[:, : rows.shape[1]] = np.where(rows >= 0, ids[np.maximum(rows, 0)], -1)
-    out_sims[:, : rows.shape[1]] = np.where(rows >= 0, sims, -np.inf)
-    return out_ids, out_sims
+    uris = [shard_uris] if isinstance(shard_uris, str) else shard_uris
+    q = similarity_space(queries, metric)
+    parts = []
+    for uri in uris:
+        ids, vectors = read_checked(uri, queries.shape[1])
+        x = similarity_space(vectors, metric)
+        flat = faiss.IndexFlatIP if metric == "cosine" else faiss.IndexFlatL2
+        index = flat(x.shape[1])
+        index.add(x)
+        scores, rows = index.search(q, min(k, len(ids)))
+        sims = scores if metric == "cosine" else -scores
+        out_ids = np.full((len(queries), k), -1, dtype=np.int64)
+        out_sims = np.full((len(queries), k), -np.inf, dtype=np.float32)
+        out_ids[:, : rows.shape[1]] = np.where(rows >= 0, ids[np.maximum(rows, 0)], -1)
+        out_sims[:, : rows.shape[1]] = np.where(rows >= 0, sims, -np.inf)
+        parts.append((out_ids, out_sims))
+    return merge_topk(parts, k) if len(parts) > 1 else parts[0]
 
 
 def merge_topk(parts: list[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -61,13 +67,17 @@ def exact_topk(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact (image ids int64 (q, k), similarities float32 (q, k)) over every shard.
 
-    Each shard is one Ray task (1 CPU each), so the scan spreads over the cluster: call it when
-    no actor holds the CPUs, or the tasks never start.
+    Groups of consecutive shards are Ray tasks (1 CPU each, four per CPU of the cluster, so many
+    small shards do not each pay a task's overhead), and the scan spreads over the cluster: call
+    it when no actor holds the CPUs, or the tasks never start.
     """
     ray = ctx.start_ray()
     task = ctx.remote(shard_topk, **remote_options(num_cpus=1))
     ref = ray.put(np.ascontiguousarray(queries, dtype=np.float32))
-    parts: list[Any] = ray.get([task.remote(u, ref, k, metric, 1) for u in shard_uris])
+    tasks = max(1, min(len(shard_uris), 4 * int(ray.cluster_resources().get("CPU", 1))))
+    size = -(-len(shard_uris) // tasks)
+    groups = [shard_uris[s : s + size] for s in range(0, len(shard_uris), size)]
+    parts: list[Any] = ray.get([task.remote(g, ref, k, metric, 1) for g in groups])
     return merge_topk(parts, k)
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -33,14 +34,14 @@ log = logging.getLogger(__name__)
 
 # Candidate IVF-PQ code sizes (bytes per vector, 8 bits per sub-quantizer), largest first.
 _PQ_BYTES = (1024, 512, 384, 256, 192, 128, 96, 64, 48, 32, 24, 16, 12, 8, 4, 2, 1)
-_MIN_POINTS_PER_LIST = 39  # FAISS's own floor for k-means training
+MIN_POINTS_PER_LIST = 39  # FAISS's own floor for k-means training
 _ADD_BATCH = 65_536
 
 
 def auto_nlist(n: int) -> int:
     """About 4 sqrt(N) lists, a power of two, with at least 39 training rows per list."""
     target = 2 ** round(math.log2(max(1.0, 4 * math.sqrt(n))))
-    return int(max(1, min(target, n // _MIN_POINTS_PER_LIST)))
+    return int(max(1, min(target, n // MIN_POINTS_PER_LIST)))
 
 
 @dataclass(frozen=True)
@@ -191,7 +192,7 @@ def train_rows_for(spec: IndexSpec, n: int, points_per_list: int, max_bytes: int
         return 0
     wanted = spec.nlist * points_per_list
     if spec.kind == "ivf_pq":
-        wanted = max(wanted, 256 * _MIN_POINTS_PER_LIST)
+        wanted = max(wanted, 256 * MIN_POINTS_PER_LIST)
     return min(n, sample_size(wanted, spec.dim, max_bytes))
 
 
@@ -202,12 +203,18 @@ def build_index(
     train_rows: int,
     seed: int,
     gpus: int = 0,
+    on_shard: Callable[[np.ndarray], None] | None = None,
+    on_assign: tuple[int, Callable[[np.ndarray], None]] | None = None,
 ) -> tuple[Any, dict[str, Any]]:
     """Train ``spec`` on a seeded sample and add every shard in order (rows 0..N-1).
 
     Runs where it is called (a Ray task on a GPU node, typically). With GPUs, IVF training runs
     its k-means on them (``clustering_index``); adding and the stored index stay on CPU, so the
-    result is the same file either way. Returns (CPU index, build statistics).
+    result is the same file either way. ``on_shard`` receives each shard's image ids as it is
+    added. ``on_assign=(p, callback)`` (an IVF with no transform) adds rows to the lists that
+    one coarse search to depth p found, and gives the callback those p nearest lists, int32
+    (rows, p), in row order: a graph reuses them to search the same rows. Returns (CPU index,
+    build statistics).
     """
     import faiss
 
@@ -228,10 +235,20 @@ def build_index(
         stats.update(train_rows=len(sample), train_seconds=round(time.perf_counter() - start, 3))
     start = time.perf_counter()
     for uri in shards.uris:
-        _, vectors = read_checked(uri, spec.dim)
+        ids, vectors = read_checked(uri, spec.dim)
+        if on_shard is not None:
+            on_shard(ids)
         x = similarity_space(vectors, spec.metric)
         for s in range(0, len(x), _ADD_BATCH):
-            index.add(x[s : s + _ADD_BATCH])
+            batch = x[s : s + _ADD_BATCH]
+            if on_assign is None:
+                index.add(batch)
+                continue
+            depth, callback = on_assign
+            _, lists = index.quantizer.search(batch, min(depth, spec.nlist))
+            nearest = np.ascontiguousarray(lists[:, 0])
+            index.add_core(len(batch), faiss.swig_ptr(batch), None, faiss.swig_ptr(nearest))
+            callback(lists.astype(np.int32))
     stats["add_seconds"] = round(time.perf_counter() - start, 3)
     if index.ntotal != shards.total:
         raise RuntimeError(f"the index holds {index.ntotal} vectors, the shards {shards.total}")

@@ -59,6 +59,8 @@ def claimed_cpus() -> float | None:
     """CPUs the current Ray task/actor claimed; None outside Ray (a direct call)."""
     import ray
 
+    if not ray.is_initialized():  # a direct call; asking would start a Ray instance
+        return None
     try:
         return ray.get_runtime_context().get_assigned_resources().get("CPU")
     except Exception:  # outside Ray (a direct call): let FAISS use every core

@@ -1,0 +1,372 @@
+"""Scale: semclust's FAISS stages through the CLI at 10^5 to 10^7 rows, against what a user would
+write by hand, in one run on the same data (this machine is noisy: compare ratios within a run).
+
+For each size N a seeded synthetic run directory is written (``embeddings/`` shards of 50,000
+L2-normalised 256-d rows around 1,000 planted centres, as benchmarks/faiss_scale.py; 1 GB per
+million rows), then each stage asked for runs as ``semclust STAGE --run-dir D`` in a fresh
+process, timed, with the peak resident memory of the driver and of the largest other process of
+its tree (Ray's raylet, workers and actors) sampled every 0.2 s from /proc.
+
+Baselines, in the same run:
+
+- graph, hand-written FAISS (``faiss_ivf``): read the shards with pyarrow, ``IVF{4 sqrt N},Flat``
+  trained on 64 rows per list, every row added, and one ``index.search`` of every row with the
+  smallest nprobe (1, 2, 4, ...) whose recall@10 reaches semclust's measured recall: that nprobe
+  is found first, untimed, so the baseline is given its tuning for free;
+- graph, a well-kept kNN library (``--library hnswlib``, when installed): ``hnswlib`` HNSW
+  (M=16, ef_construction=100) over every row, then ``knn_query`` of every row with the smallest ef
+  reaching the same recall (likewise tuned untimed).
+
+Recall@10 of every graph is measured here on the same 1,000 seeded rows against exact search.
+``growth`` is the log-log slope of time against N between successive sizes.
+
+    python benchmarks/scale_10m.py                                   # 10^5, 10^6, 1.6M; graph
+    python benchmarks/scale_10m.py --sizes 100000 1000000 10000000 --stages cluster graph index
+    python benchmarks/scale_10m.py --sizes 20000 50000 --work /tmp/scale   # smoke run (~3 min)
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as semclust's Ray workers run FAISS
+
+import argparse
+import itertools
+import json
+import math
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path[:0] = [str(ROOT), str(HERE)]
+
+from faiss_scale import synthetic  # noqa: E402
+
+DIM = 256
+K = 10
+SHARD_ROWS = 50_000
+RECALL_ROWS = 1_000
+
+
+def write_run_dir(run_dir: Path, n: int, seed: int) -> None:
+    """A run directory of N synthetic rows in shards (written chunk by chunk, never all in
+    memory at once above a few GB)."""
+    from tests.clustering.synthetic import EMBEDDER, write_run
+
+    from semclust import runinfo
+
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    chunk = 1_000_000
+    for c, s in enumerate(range(0, n, chunk)):
+        x = synthetic(min(chunk, n - s), DIM, seed * 1_000 + c)
+        write_run(
+            run_dir,
+            x,
+            rows_per_part=SHARD_ROWS,
+            embedder=None,
+            first_part=s // SHARD_ROWS,
+            prefix=f"c{c:03d}",
+        )
+    record = {"status": "done", "embedded": n, "dim": DIM, "embedder": EMBEDDER.__dict__}
+    runinfo.update_stage(str(run_dir), "embed", record, {})
+
+
+def read_rows(run_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(image ids, float32 rows) of every shard in order, as a hand-written script reads them."""
+    import pyarrow.parquet as pq
+
+    ids, rows = [], []
+    for path in sorted((run_dir / "embeddings").glob("part-*.parquet")):
+        table = pq.read_table(path, columns=["image_id", "embedding"])
+        ids.append(table["image_id"].to_numpy())
+        flat = table["embedding"].combine_chunks().flatten().to_numpy()
+        rows.append(flat.reshape(-1, DIM))
+    return np.concatenate(ids), np.concatenate(rows)
+
+
+class TreeMemory:
+    """Peak RSS of a process (the driver) and of the largest other process in its tree."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.driver = 0
+        self.largest_other = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def _status() -> dict[int, tuple[int, int]]:
+        """pid -> (parent pid, RSS bytes) of every process readable in /proc."""
+        out = {}
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                fields = dict(
+                    line.split(":", 1)
+                    for line in Path(f"/proc/{entry}/status").read_text().splitlines()
+                )
+                rss = int(fields.get("VmRSS", "0 kB").split()[0]) * 1024
+                out[int(entry)] = (int(fields["PPid"]), rss)
+            except (OSError, ValueError, KeyError):
+                continue
+        return out
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            procs = self._status()
+            tree = {self.pid}
+            changed = True
+            while changed:
+                changed = False
+                for pid, (ppid, _) in procs.items():
+                    if ppid in tree and pid not in tree:
+                        tree.add(pid)
+                        changed = True
+            for pid in tree:
+                rss = procs.get(pid, (0, 0))[1]
+                if pid == self.pid:
+                    self.driver = max(self.driver, rss)
+                else:
+                    self.largest_other = max(self.largest_other, rss)
+            self._stop.wait(0.2)
+
+    def stop(self) -> dict[str, float]:
+        self._stop.set()
+        self._thread.join()
+        return {
+            "driver_peak_gb": round(self.driver / 2**30, 3),
+            "largest_worker_peak_gb": round(self.largest_other / 2**30, 3),
+        }
+
+
+def run_stage(stage: str, run_dir: Path, extra: list[str], timeout: float) -> dict[str, Any]:
+    cmd = [sys.executable, "-m", "semclust.cli", stage, "--run-dir", str(run_dir), *extra]
+    env = {**os.environ, "RAY_ADDRESS": "local", "TF_CPP_MIN_LOG_LEVEL": "2"}
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    memory = TreeMemory(proc.pid)
+    try:
+        _, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        _, err = proc.communicate()
+    seconds = time.perf_counter() - start
+    out: dict[str, Any] = {"seconds": round(seconds, 1), **memory.stop(), "exit": proc.returncode}
+    if proc.returncode != 0:
+        out["error"] = err[-1500:]
+        return out
+    record = json.loads((run_dir / "run.json").read_text())["stages"][stage]
+    keep = (
+        "method",
+        "index",
+        "nprobe",
+        "ef_search",
+        "search",
+        "batches",
+        "actors",
+        "recall",
+        "tuning",
+        "index_build",
+        "query_seconds",
+        "rows",
+        "k",
+    )
+    out["record"] = {key: record[key] for key in keep if key in record}
+    return out
+
+
+def exact_truth(x: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    import faiss
+
+    index = faiss.IndexFlatIP(DIM)
+    index.add(x)
+    _, found = index.search(x[rows], K + 1)
+    return np.array([[j for j in r if j != i][:K] for i, r in zip(rows, found, strict=True)])
+
+
+def recall(found_rows: np.ndarray, truth: np.ndarray) -> float:
+    hits = sum(len(np.intersect1d(a, b)) for a, b in zip(found_rows, truth, strict=True))
+    return hits / (K * len(truth))
+
+
+def semclust_graph_recall(
+    run_dir: Path, ids: np.ndarray, rows: np.ndarray, truth: np.ndarray
+) -> float:
+    """recall@10 of semclust's written graph on the benchmark's own rows."""
+    from semclust.rundir.tables import read_knn
+
+    g_ids, neighbors, _ = read_knn(str(run_dir))
+    order = np.argsort(ids)
+    row_of_id = lambda a: order[np.searchsorted(ids[order], a)]  # noqa: E731
+    where = {int(i): r for r, i in enumerate(g_ids)}
+    found = np.array([row_of_id(neighbors[where[int(ids[r])]]) for r in rows])
+    return recall(found, truth)
+
+
+def self_removed(found: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    return np.array([[j for j in f if j != i][:K] for i, f in zip(rows, found, strict=True)])
+
+
+def faiss_ivf_baseline(
+    run_dir: Path, target: float, rows: np.ndarray, truth: np.ndarray
+) -> dict[str, Any]:
+    """The hand-written FAISS IVF graph at the first nprobe reaching ``target`` recall."""
+    import faiss
+
+    start = time.perf_counter()
+    _, x = read_rows(run_dir)
+    n = len(x)
+    nlist = 2 ** round(math.log2(4 * math.sqrt(n)))
+    index = faiss.index_factory(DIM, f"IVF{nlist},Flat")
+    rng = np.random.default_rng(0)
+    index.train(x[np.sort(rng.choice(n, min(n, 64 * nlist), replace=False))])
+    index.add(x)
+    build = time.perf_counter() - start
+    nprobe, got = 1, 0.0
+    while nprobe <= nlist:  # the tuning a user does by hand: not timed
+        index.nprobe = nprobe
+        got = recall(self_removed(index.search(x[rows], K + 1)[1], rows), truth)
+        if got >= target:
+            break
+        nprobe *= 2
+    start = time.perf_counter()
+    for s in range(0, n, 65_536):
+        index.search(x[s : s + 65_536], K + 1)
+    search = time.perf_counter() - start
+    return {
+        "seconds": round(build + search, 1),
+        "build_s": round(build, 1),
+        "search_s": round(search, 1),
+        "nlist": nlist,
+        "nprobe": nprobe,
+        "recall_at_10": round(got, 4),
+    }
+
+
+def hnswlib_baseline(
+    run_dir: Path, target: float, rows: np.ndarray, truth: np.ndarray
+) -> dict[str, Any]:
+    import hnswlib
+
+    start = time.perf_counter()
+    _, x = read_rows(run_dir)
+    index = hnswlib.Index(space="ip", dim=DIM)
+    index.init_index(max_elements=len(x), M=16, ef_construction=100, random_seed=0)
+    index.add_items(x, num_threads=os.cpu_count() or 1)
+    build = time.perf_counter() - start
+    ef, got = 16, 0.0
+    while ef <= 2048:
+        index.set_ef(ef)
+        got = recall(self_removed(index.knn_query(x[rows], K + 1)[0], rows), truth)
+        if got >= target:
+            break
+        ef *= 2
+    start = time.perf_counter()
+    index.knn_query(x, K + 1, num_threads=os.cpu_count() or 1)
+    search = time.perf_counter() - start
+    return {
+        "seconds": round(build + search, 1),
+        "build_s": round(build, 1),
+        "search_s": round(search, 1),
+        "ef": ef,
+        "recall_at_10": round(got, 4),
+    }
+
+
+def growth(points: list[tuple[int, float]]) -> list[float]:
+    return [
+        round(math.log(t2 / t1) / math.log(n2 / n1), 3)
+        for (n1, t1), (n2, t2) in itertools.pairwise(points)
+        if t1 > 0 and t2 > 0
+    ]
+
+
+STAGE_ARGS = {
+    "cluster": ["--k", "1000"],
+    "graph": ["--set", "graph.duplicate_threshold=none"],
+    "index": [],
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--sizes", nargs="+", type=int, default=[100_000, 1_000_000, 1_600_000])
+    p.add_argument("--stages", nargs="+", default=["graph"], choices=list(STAGE_ARGS))
+    p.add_argument("--library", choices=["hnswlib", "none"], default="hnswlib")
+    p.add_argument("--library-max-n", type=int, default=1_000_000, help="largest N for it")
+    p.add_argument("--no-faiss-baseline", action="store_true")
+    p.add_argument("--work", type=Path, default=Path("/tmp/semclust-scale"))
+    p.add_argument("--timeout", type=float, default=7200)
+    p.add_argument("--out", type=Path)
+    args = p.parse_args(argv)
+    results: list[dict[str, Any]] = []
+    load = lambda: [round(v, 2) for v in os.getloadavg()]  # noqa: E731
+    for n in args.sizes:
+        run_dir = args.work / f"n{n}"
+        t = time.perf_counter()
+        write_run_dir(run_dir, n, seed=1)
+        entry: dict[str, Any] = {
+            "n": n,
+            "write_s": round(time.perf_counter() - t, 1),
+            "load_start": load(),
+        }
+        ids, x = read_rows(run_dir)
+        rows = np.sort(np.random.default_rng(2).choice(n, min(RECALL_ROWS, n), replace=False))
+        truth = exact_truth(x, rows)
+        del x
+        for stage in args.stages:
+            entry[stage] = run_stage(stage, run_dir, STAGE_ARGS[stage], args.timeout)
+            print(json.dumps({"n": n, stage: entry[stage]}), flush=True)
+        if "graph" in entry and entry["graph"]["exit"] == 0:
+            got = semclust_graph_recall(run_dir, ids, rows, truth)
+            entry["graph"]["recall_at_10"] = round(got, 4)
+            if not args.no_faiss_baseline:
+                entry["faiss_ivf"] = faiss_ivf_baseline(run_dir, got, rows, truth)
+                entry["graph_over_faiss_ivf"] = round(
+                    entry["graph"]["seconds"] / entry["faiss_ivf"]["seconds"], 3
+                )
+                print(json.dumps({"n": n, "faiss_ivf": entry["faiss_ivf"]}), flush=True)
+            if args.library == "hnswlib" and n <= args.library_max_n:
+                try:
+                    entry["hnswlib"] = hnswlib_baseline(run_dir, got, rows, truth)
+                    entry["graph_over_hnswlib"] = round(
+                        entry["graph"]["seconds"] / entry["hnswlib"]["seconds"], 3
+                    )
+                except ImportError:
+                    entry["hnswlib"] = "not installed (pip install hnswlib)"
+                print(json.dumps({"n": n, "hnswlib": entry["hnswlib"]}), flush=True)
+        entry["load_end"] = load()
+        results.append(entry)
+        shutil.rmtree(run_dir, ignore_errors=True)
+    summary: dict[str, Any] = {"sizes": args.sizes, "cpus": os.cpu_count()}
+    for stage in [*args.stages, "faiss_ivf", "hnswlib"]:
+        points = [
+            (e["n"], e[stage]["seconds"])
+            for e in results
+            if isinstance(e.get(stage), dict) and e[stage].get("exit", 0) == 0
+        ]
+        if len(points) > 1:
+            summary[f"{stage}_growth"] = growth(points)
+    report = {"results": results, "summary": summary}
+    print(json.dumps(summary), flush=True)
+    if args.out:
+        args.out.write_text(json.dumps(report, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
