@@ -195,7 +195,7 @@ def test_a_killed_ivf_graph_resumes_to_the_uninterrupted_graph(tmp_path):
     """SIGKILL the whole job (driver and Ray) once the IVF index is stored, before any part is
     searched; the rerun uses the stored index, tunes to the same depth and writes the same graph
     as a run never interrupted."""
-    x, _, _ = planted(30_000, 60, 32, noise=1.2, seed=8)
+    x, _, _ = planted(12_000, 60, 32, noise=1.2, seed=8)
     runs = {name: tmp_path / name for name in ("killed", "whole")}
     for run_dir in runs.values():
         write_run(run_dir, x, rows_per_part=3_000)

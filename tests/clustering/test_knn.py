@@ -11,13 +11,13 @@ from semclust.clustering.knn import (
     batch_groups,
     build_graph_index,
     choose_method,
-    depth_steps,
     drop_self,
     graph_nlist,
     graph_spec,
 )
 from semclust.config import GraphConfig
 from semclust.index.exact import recall_at_k
+from semclust.index.factory import depth_steps
 from semclust.rundir.embeddings import embedding_shards
 from semclust.rundir.tables import read_knn_part
 from tests.clustering.synthetic import brute_force_knn, planted, write_run

@@ -26,7 +26,6 @@ from semclust.clustering.knn import (
     batch_groups,
     build_graph_index,
     choose_method,
-    depth_name,
     drop_self,
     exact_neighbors,
     graph_spec,
@@ -36,7 +35,7 @@ from semclust.config import GraphConfig, parse_bytes
 from semclust.context import RunContext
 from semclust.errors import RunFailed, UserError
 from semclust.index.exact import recall_at_k
-from semclust.index.factory import IndexSpec
+from semclust.index.factory import IndexSpec, depth_name
 from semclust.index.faiss_ops import remote_options, task_resources
 from semclust.rundir.embeddings import ShardSet
 from semclust.rundir.layout import DUPLICATES, KNN

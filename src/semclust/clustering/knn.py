@@ -35,8 +35,15 @@ import numpy as np
 
 from semclust import storage
 from semclust.config import GraphConfig, parse_bytes
-from semclust.index.exact import exact_topk, recall_at_k, similarity_space
-from semclust.index.factory import MIN_POINTS_PER_LIST, IndexSpec, build_index, train_rows_for
+from semclust.index.exact import drop_self, exact_topk, recall_at_k, similarity_space
+from semclust.index.factory import (
+    MIN_POINTS_PER_LIST,
+    IndexSpec,
+    build_index,
+    depth_name,
+    depth_steps,
+    train_rows_for,
+)
 from semclust.index.faiss_ops import (
     claimed_cpus,
     load_index,
@@ -64,24 +71,6 @@ _EXACT_MAX_ROWS_GPU = 4_000_000
 # On CPU, IVF (nprobe 16) overtook exact search near 30,000 rows at 256-d (benchmarks/faiss_scale).
 _EXACT_MAX_ROWS_CPU = 50_000
 GRAPH_SEED = 1234  # IVF training sample and recall queries
-
-
-def drop_self(
-    query_ids: np.ndarray, labels: np.ndarray, scores: np.ndarray, k: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """From (n, k+1) search results keep k per row, removing the query's own id.
-
-    Where the row's own id is not among the results (exact duplicates can outrank it, and an
-    approximate search can miss it), the last column is dropped instead.
-    """
-    is_self = labels == query_ids[:, None]
-    # Only the first match counts: a second hit of the same id would leave k-1 columns.
-    first = np.argmax(is_self, axis=1)
-    is_self = np.zeros_like(is_self)
-    found = (labels == query_ids[:, None]).any(axis=1)
-    is_self[np.arange(len(labels)), np.where(found, first, labels.shape[1] - 1)] = True
-    keep = ~is_self
-    return labels[keep].reshape(-1, k), scores[keep].reshape(-1, k)
 
 
 def choose_method(gc: GraphConfig, n: int, gpu: bool) -> str:
@@ -112,20 +101,6 @@ def graph_spec(gc: GraphConfig, method: str, n: int, dim: int) -> IndexSpec:
             "hnsw", dim, gc.metric, hnsw_m=gc.hnsw_m, ef_construction=gc.ef_construction
         )
     return IndexSpec("ivf_flat", dim, gc.metric, nlist=min(gc.nlist or graph_nlist(n), n))
-
-
-def depth_name(spec: IndexSpec) -> str | None:
-    """The search parameter an approximate graph tunes: ``nprobe``, ``ef_search`` or None."""
-    return {"ivf_flat": "nprobe", "hnsw": "ef_search"}.get(spec.kind)
-
-
-def depth_steps(spec: IndexSpec) -> list[int]:
-    """Search depths tried in order when tuning: nprobe 1, 2, 4, ... up to every list; efSearch
-    16, 32, ... 4096 (it must be at least the k searched)."""
-    if spec.kind == "ivf_flat":
-        steps = [2**i for i in range(int(math.log2(spec.nlist)) + 1)]
-        return steps if steps[-1] == spec.nlist else [*steps, spec.nlist]
-    return [2**i for i in range(4, 13)]
 
 
 def batch_groups(uris: list[str], rows: list[int], max_rows: int, groups: int) -> list[list[str]]:
@@ -320,7 +295,7 @@ def build_graph_index(
         train_rows=rows,
         seed=seed,
         gpus=gpus,
-        on_shard=id_parts.append,
+        on_shard=lambda ids, _rows: id_parts.append(ids),
         on_assign=(ASSIGN_DEPTH, list_parts.append) if ivf else None,
     )
     _save_array(beside(out_uri, GRAPH_IDS), np.concatenate(id_parts).astype(np.int64))

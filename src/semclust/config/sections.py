@@ -299,13 +299,21 @@ class IndexConfig:
     hnsw_max_dim: int = 512  # ... and dimensions (its build slows with both)
     # IVF lists; None: about 4 sqrt(N)
     nlist: int | None = flag(None, "--index-nlist", "IVF lists (default about 4 sqrt(N))")
-    # default IVF lists visited per query (search can override)
-    nprobe: int = flag(16, "--index-nprobe", "default IVF lists searched per query")
+    # default IVF lists visited per query (search can override); None: the smallest of 1, 2,
+    # 4, ... whose recall@10 reaches target_recall on seeded queries
+    nprobe: int | None = flag(None, "--index-nprobe", "default IVF lists searched (default: tuned)")
+    target_recall: float = flag(
+        0.9, "--index-target-recall", "recall@10 the default nprobe/efSearch is tuned to reach"
+    )
+    # IVF-PQ: re-rank rerank_factor x k candidates by exact similarity from float16 vectors kept
+    # on disk (index/vectors.f16.npy, memory-mapped; outside the memory budget)
+    rerank: bool = True
+    rerank_factor: int = 8
     # IVF-PQ bytes per vector; None: the largest that fits the budget
     pq_m: int | None = flag(None, "--pq-m", "IVF-PQ bytes per vector (default: most that fit)")
     hnsw_m: int = 32
     ef_construction: int = 80
-    ef_search: int = 64  # default HNSW search depth (search can override)
+    ef_search: int | None = None  # default HNSW search depth; None: tuned like nprobe
     train_points_per_list: int = 64  # IVF training sample: this x nlist rows ...
     max_train_memory: str = "2GB"  # ... and never more than this
     recall_sample: int = 500  # queries on which recall@10 is measured and recorded
@@ -324,14 +332,15 @@ class IndexConfig:
             "flat_max_rows",
             "hnsw_max_rows",
             "hnsw_max_dim",
-            "nprobe",
             "hnsw_m",
             "ef_construction",
-            "ef_search",
             "train_points_per_list",
+            "rerank_factor",
         ):
             _positive(f"index.{name}", getattr(self, name))
-        for name in ("nlist", "pq_m", "num_cpus"):
+        if not 0 < self.target_recall <= 1:
+            raise ValueError(f"index.target_recall must be in (0, 1], got {self.target_recall}")
+        for name in ("nlist", "pq_m", "num_cpus", "nprobe", "ef_search"):
             if getattr(self, name) is not None:
                 _positive(f"index.{name}", getattr(self, name))
         _positive("index.recall_sample", self.recall_sample, allow_zero=True)

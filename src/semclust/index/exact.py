@@ -54,6 +54,24 @@ def shard_topk(
     return merge_topk(parts, k) if len(parts) > 1 else parts[0]
 
 
+def drop_self(
+    query_ids: np.ndarray, labels: np.ndarray, scores: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """From (n, k+1) search results keep k per row, removing the query's own id.
+
+    Where the row's own id is not among the results (exact duplicates can outrank it, and an
+    approximate search can miss it), the last column is dropped instead.
+    """
+    is_self = labels == query_ids[:, None]
+    # Only the first match counts: a second hit of the same id would leave k-1 columns.
+    first = np.argmax(is_self, axis=1)
+    is_self = np.zeros_like(is_self)
+    found = (labels == query_ids[:, None]).any(axis=1)
+    is_self[np.arange(len(labels)), np.where(found, first, labels.shape[1] - 1)] = True
+    keep = ~is_self
+    return labels[keep].reshape(-1, k), scores[keep].reshape(-1, k)
+
+
 def merge_topk(parts: list[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[np.ndarray, np.ndarray]:
     """Merge per-shard (ids (q, k_i), sims (q, k_i)) into the overall top-k, best first."""
     ids = np.concatenate([p[0] for p in parts], axis=1)

@@ -104,6 +104,22 @@ class IndexSpec:
         return {**asdict(self), "factory": self.factory}
 
 
+def depth_name(spec: IndexSpec) -> str | None:
+    """The search parameter that trades speed for recall: ``nprobe``, ``ef_search`` or None."""
+    if spec.kind.startswith("ivf"):
+        return "nprobe"
+    return "ef_search" if spec.kind == "hnsw" else None
+
+
+def depth_steps(spec: IndexSpec) -> list[int]:
+    """Search depths tried in order when tuning: nprobe 1, 2, 4, ... up to every list; efSearch
+    16, 32, ... 4096."""
+    if spec.kind.startswith("ivf"):
+        steps = [2**i for i in range(int(math.log2(spec.nlist)) + 1)]
+        return steps if steps[-1] == spec.nlist else [*steps, spec.nlist]
+    return [2**i for i in range(4, 13)]
+
+
 def pq_candidates(dim: int) -> list[int]:
     """IVF-PQ bytes per vector possible for ``dim`` (m divides it, 2+ dims per sub-vector)."""
     return [m for m in _PQ_BYTES if 2 * m <= dim and dim % m == 0] or [1]
@@ -203,18 +219,18 @@ def build_index(
     train_rows: int,
     seed: int,
     gpus: int = 0,
-    on_shard: Callable[[np.ndarray], None] | None = None,
+    on_shard: Callable[[np.ndarray, np.ndarray], None] | None = None,
     on_assign: tuple[int, Callable[[np.ndarray], None]] | None = None,
 ) -> tuple[Any, dict[str, Any]]:
     """Train ``spec`` on a seeded sample and add every shard in order (rows 0..N-1).
 
     Runs where it is called (a Ray task on a GPU node, typically). With GPUs, IVF training runs
     its k-means on them (``clustering_index``); adding and the stored index stay on CPU, so the
-    result is the same file either way. ``on_shard`` receives each shard's image ids as it is
-    added. ``on_assign=(p, callback)`` (an IVF with no transform) adds rows to the lists that
-    one coarse search to depth p found, and gives the callback those p nearest lists, int32
-    (rows, p), in row order: a graph reuses them to search the same rows. Returns (CPU index,
-    build statistics).
+    result is the same file either way. ``on_shard`` receives each shard's image ids and rows
+    (in similarity space) as they are added. ``on_assign=(p, callback)`` (an IVF with no
+    transform) adds rows to the lists that one coarse search to depth p found, and gives the
+    callback those p nearest lists, int32 (rows, p), in row order: a graph reuses them to search
+    the same rows. Returns (CPU index, build statistics).
     """
     import faiss
 
@@ -236,9 +252,9 @@ def build_index(
     start = time.perf_counter()
     for uri in shards.uris:
         ids, vectors = read_checked(uri, spec.dim)
-        if on_shard is not None:
-            on_shard(ids)
         x = similarity_space(vectors, spec.metric)
+        if on_shard is not None:
+            on_shard(ids, x)
         for s in range(0, len(x), _ADD_BATCH):
             batch = x[s : s + _ADD_BATCH]
             if on_assign is None:

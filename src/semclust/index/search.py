@@ -26,6 +26,7 @@ from semclust.index.faiss_ops import (
     set_search_params,
     to_gpus,
 )
+from semclust.index.rerank import load_vectors, search_rows
 from semclust.rundir.tables import (
     INDEX_FILE,
     INDEX_FORMAT,
@@ -108,6 +109,10 @@ class SearchIndex:
             ef_search=ef_search or self.meta.get("ef_search"),
             on_gpu=gpus > 0,
         )
+        # IVF-PQ's shortlist re-ranked from the float16 vectors on disk (memory-mapped).
+        rerank = self.meta.get("rerank")
+        self.rerank_vectors = load_vectors(index_file(run_dir, rerank["file"])) if rerank else None
+        self.rerank_factor = int(rerank["factor"]) if rerank else 1
         self.image_ids, self.uris = read_index_ids(run_dir)
         if len(self.image_ids) != self.index.ntotal:
             raise UserError(
@@ -134,8 +139,14 @@ class SearchIndex:
                 f"{self.meta['dim']}-d embeddings"
             )
         k = min(k, int(self.index.ntotal))
-        scores, rows = self.index.search(similarity_space(vectors, self.spec.metric), k)
-        sims = self.spec.to_similarity(scores)
+        rows, sims = search_rows(
+            self.index,
+            self.spec,
+            similarity_space(vectors, self.spec.metric),
+            k,
+            self.rerank_vectors,
+            self.rerank_factor,
+        )
         valid = rows >= 0
         uris = self.uris.take(rows[valid]).to_pylist()
         ids = self.image_ids[rows[valid]]
@@ -150,7 +161,8 @@ class SearchIndex:
         return out
 
     def vectors_of(self, image_ids: list[int]) -> np.ndarray:
-        """The stored vectors float32 (n, D) of image ids (PQ-decoded for IVF-PQ)."""
+        """The stored vectors float32 (n, D) of image ids (IVF-PQ: the re-rank vectors, else
+        PQ-decoded)."""
         import faiss
 
         if self._id_order is None:
@@ -164,6 +176,8 @@ class SearchIndex:
         missing = wanted[self.image_ids[rows] != wanted]
         if len(missing):
             raise UserError(f"image_id {int(missing[0])} is not in this run's index")
+        if self.rerank_vectors is not None:
+            return np.asarray(self.rerank_vectors[rows], dtype=np.float32)
         return np.stack([self.cpu_index.reconstruct(int(r)) for r in rows]).astype(np.float32)
 
     def search_ids(self, image_ids: list[int], k: int) -> list[list[Hit]]:

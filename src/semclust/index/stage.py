@@ -15,7 +15,9 @@ written.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import time
 from dataclasses import asdict
 from typing import Any
 
@@ -26,8 +28,15 @@ from semclust import runinfo, storage
 from semclust.config import IndexConfig, parse_bytes
 from semclust.context import RunContext
 from semclust.errors import UserError
-from semclust.index.exact import exact_topk, recall_at_k, similarity_space
-from semclust.index.factory import IndexSpec, build_index, choose_spec, train_rows_for
+from semclust.index.exact import drop_self, exact_topk, recall_at_k, similarity_space
+from semclust.index.factory import (
+    IndexSpec,
+    build_index,
+    choose_spec,
+    depth_name,
+    depth_steps,
+    train_rows_for,
+)
 from semclust.index.faiss_ops import (
     claimed_cpus,
     resolve_gpus,
@@ -36,9 +45,17 @@ from semclust.index.faiss_ops import (
     store_index,
     task_resources,
 )
+from semclust.index.rerank import load_vectors, search_rows, vectors_writer
 from semclust.rundir.embeddings import ShardSet, sample_rows
 from semclust.rundir.layout import INDEX
-from semclust.rundir.tables import INDEX_FILE, INDEX_FORMAT, INDEX_IDS, INDEX_META, index_file
+from semclust.rundir.tables import (
+    INDEX_FILE,
+    INDEX_FORMAT,
+    INDEX_IDS,
+    INDEX_META,
+    INDEX_RERANK,
+    index_file,
+)
 
 log = logging.getLogger(__name__)
 
@@ -116,20 +133,57 @@ def _embedder(ctx: RunContext) -> dict[str, Any]:
     return embedder
 
 
+_UNTUNED_DEPTH = {"nprobe": 16, "ef_search": 64}  # without a recall sample to tune on
+
+
+def _without_self(query_ids: np.ndarray, found: np.ndarray, sims: np.ndarray) -> np.ndarray:
+    """The 10 nearest other images of each sampled row, from its (q, 11) results: the samples
+    are rows of the index, so each usually finds itself, which a query from outside would not;
+    it goes (where it is missing, the weakest hit goes)."""
+    return drop_self(query_ids, found, sims, RECALL_K)[0]
+
+
 def _build(ctx: RunContext, spec: IndexSpec, embedder: dict[str, Any]) -> dict[str, Any]:
-    """Build and store the index in one Ray task, score it; its meta.json (written last)."""
+    """Build and store the index in one Ray task, tune its default search depth and score it;
+    its meta.json (written last).
+
+    Two disjoint seeded samples of rows: the depth (nprobe / efSearch) is the smallest of
+    ``depth_steps`` whose recall@10 on the first reaches ``index.target_recall``; the recall
+    recorded is the second's, held out. Their exact neighbours are computed before the build
+    task claims the CPUs.
+    """
     ic = ctx.cfg.index
     shards = ctx.embeddings()
-    queries = sample_rows(shards, min(ic.recall_sample, shards.total), ic.seed + 1)
-    if spec.kind == "flat":  # exact by construction: no need to measure
-        queries = queries[:0]
+    depth = depth_name(spec)
+    fixed = {"nprobe": ic.nprobe, "ef_search": ic.ef_search}.get(depth or "")
+    sample = 0 if spec.kind == "flat" else min(ic.recall_sample, shards.total // 2)
+    query_ids = np.zeros(0, dtype=np.int64)
+    queries = np.zeros((0, shards.dim), dtype=np.float32)
+    truth = np.zeros((0, RECALL_K), dtype=np.int64)
+    if sample:
+        ids, rows = sample_rows(shards, 2 * sample, ic.seed + 1, with_ids=True)
+        # Disjoint halves, tuning first then held out, each in shard order.
+        order = np.random.default_rng(ic.seed).permutation(len(rows))
+        pick = np.concatenate([np.sort(order[:sample]), np.sort(order[sample:])])
+        query_ids, queries = ids[pick], rows[pick]
+        with runinfo.timed("index exact neighbours of the recall samples"):
+            found, sims = exact_topk(ctx, shards.uris, queries, RECALL_K + 1, ic.metric)
+            truth = _without_self(query_ids, found, sims)
+    if depth is None:
+        depths: list[int] = []
+    elif fixed is not None:
+        depths = [fixed]
+    elif sample:
+        depths = depth_steps(spec)
+    else:
+        depths = [_UNTUNED_DEPTH[depth]]
+    rerank_file = ic.rerank and spec.kind == "ivf_pq"
+    probe = {"ids": query_ids, "queries": queries, "truth": truth, "tune": sample}
+    probe["depths"] = depths
     with runinfo.timed(f"index build ({spec.factory})") as build_time:
         task = ctx.remote(build_and_store, **task_resources(ic.device, ic.num_cpus))
-        stats = ctx.start_ray().get(task.remote(ctx.run_dir, shards, spec, ic, queries))
-    recall: float | None = 1.0 if spec.kind == "flat" else None
-    if "recall_found" in stats:
-        truth, _ = exact_topk(ctx, shards.uris, queries, RECALL_K, ic.metric)
-        recall = round(recall_at_k(stats.pop("recall_found"), truth), 5)
+        stats = ctx.start_ray().get(task.remote(ctx.run_dir, shards, spec, ic, probe, rerank_file))
+    tuned = stats.pop("tuned", {})
     meta = {
         "format": INDEX_FORMAT,
         "type": spec.kind,
@@ -138,12 +192,23 @@ def _build(ctx: RunContext, spec: IndexSpec, embedder: dict[str, Any]) -> dict[s
         "dim": shards.dim,
         "count": shards.total,
         "spec": spec.to_dict(),
-        "nprobe": ic.nprobe if spec.kind.startswith("ivf") else None,
-        "ef_search": ic.ef_search if spec.kind == "hnsw" else None,
+        "nprobe": tuned.get("depth") if depth == "nprobe" else None,
+        "ef_search": tuned.get("depth") if depth == "ef_search" else None,
+        "tuning": {
+            "chosen_by": "config" if fixed else ("target_recall" if sample else "default"),
+            "target_recall": ic.target_recall,
+            "tried": tuned.get("tried", []),
+        }
+        if depth
+        else None,
+        "rerank": {"file": INDEX_RERANK, "factor": ic.rerank_factor} if rerank_file else None,
         "memory_estimate_bytes": spec.memory_bytes(shards.total),
         "memory_budget_bytes": parse_bytes(ic.memory) if ic.memory else None,
-        "recall_at_10": recall,
-        "recall_queries": len(queries),
+        "disk_bytes": stats.get("file_bytes", 0) + stats.get("rerank_bytes", 0),
+        "recall_at_10": 1.0 if spec.kind == "flat" else tuned.get("held_recall"),
+        "recall_at_10_without_rerank": tuned.get("held_recall_without_rerank"),
+        "recall_queries": len(queries) - sample,
+        "latency_ms": tuned.get("latency_ms"),
         "build": {**stats, "seconds": build_time["seconds"]},
         "embedder": embedder,
     }
@@ -157,26 +222,96 @@ def build_and_store(
     shards: ShardSet,
     spec: IndexSpec,
     ic: IndexConfig,
-    recall_queries: np.ndarray,
+    probe: dict[str, Any],
+    rerank_file: bool,
 ) -> dict[str, Any]:
-    """Ray task body: build the index, write ``index.faiss`` and ``ids.parquet``.
-
-    Also answers float32 (q, D) ``recall_queries`` with the stored settings, so the driver can
-    score them against exact search; returns build statistics and those ids int64 (q, 10).
-    """
+    """Ray task body: build the index, write ``index.faiss``, ``ids.parquet`` and with
+    ``rerank_file`` the float16 re-rank vectors; then tune the search depth on the probe's
+    queries (``tune_depth``). Returns build statistics with ``tuned``."""
     set_threads(claimed_cpus())
     gpus = resolve_gpus(ic.device, "index build") if spec.kind != "hnsw" else 0
     rows = train_rows_for(
         spec, shards.total, ic.train_points_per_list, parse_bytes(ic.max_train_memory)
     )
-    index, stats = build_index(spec, shards, train_rows=rows, seed=ic.seed, gpus=gpus)
+    uri = index_file(run_dir, INDEX_RERANK)
+    with contextlib.ExitStack() as stack:
+        vectors = None
+        if rerank_file:
+            vectors = stack.enter_context(vectors_writer(uri, shards.total, spec.dim))
+        start = [0]
+
+        def keep(_ids: np.ndarray, x: np.ndarray) -> None:
+            if vectors is not None:
+                vectors[start[0] : start[0] + len(x)] = x
+            start[0] += len(x)
+
+        index, stats = build_index(
+            spec, shards, train_rows=rows, seed=ic.seed, gpus=gpus, on_shard=keep
+        )
     stats["file_bytes"] = store_index(index, index_file(run_dir, INDEX_FILE))
     id_tables = [storage.read_parquet(u, ["image_id", "uri"]) for u in shards.uris]
     storage.write_parquet(index_file(run_dir, INDEX_IDS), pa.concat_tables(id_tables))
     stats["gpus"] = gpus
-    if len(recall_queries):
-        set_search_params(index, nprobe=ic.nprobe, ef_search=ic.ef_search)
-        _, rows_found = index.search(similarity_space(recall_queries, spec.metric), RECALL_K)
+    reranker = None
+    if rerank_file:
+        stats["rerank_bytes"] = 2 * spec.dim * shards.total
+        reranker = load_vectors(uri), ic.rerank_factor
+    if probe["depths"]:
         all_ids = np.concatenate([t.column("image_id").to_numpy() for t in id_tables])
-        stats["recall_found"] = np.where(rows_found >= 0, all_ids[np.maximum(rows_found, 0)], -1)
+        stats["tuned"] = tune_depth(index, spec, probe, all_ids, ic.target_recall, reranker)
     return stats
+
+
+def tune_depth(
+    index: Any,
+    spec: IndexSpec,
+    probe: dict[str, Any],
+    ids: np.ndarray,
+    target: float,
+    reranker: tuple[Any, int] | None,
+) -> dict[str, Any]:
+    """Try the probe's depths in order on its tuning queries and keep the first whose recall@10
+    reaches ``target`` (else the last); then measure on the held-out queries the recall (with
+    and without re-ranking) and the latency at that depth."""
+    name = depth_name(spec)
+    cut = probe["tune"]
+    tune, held = probe["queries"][:cut], probe["queries"][cut:]
+    tune_ids, held_ids = probe["ids"][:cut], probe["ids"][cut:]
+    tune_truth, held_truth = probe["truth"][:cut], probe["truth"][cut:]
+    vectors, factor = reranker if reranker is not None else (None, 1)
+
+    def found(queries: np.ndarray, query_ids: np.ndarray, with_rerank: bool = True) -> np.ndarray:
+        x = similarity_space(queries, spec.metric)
+        k = RECALL_K + 1
+        rows, sims = search_rows(index, spec, x, k, vectors if with_rerank else None, factor)
+        return _without_self(query_ids, np.where(rows >= 0, ids[np.maximum(rows, 0)], -1), sims)
+
+    tried: list[list[float]] = []
+    depth = probe["depths"][-1]
+    for depth in probe["depths"]:
+        set_search_params(index, **{name: depth})
+        if not len(tune):
+            break
+        recall = round(recall_at_k(found(tune, tune_ids), tune_truth), 5)
+        tried.append([depth, recall])
+        if recall >= target:
+            break
+    out: dict[str, Any] = {"depth": int(depth), "tried": tried}
+    if len(held):
+        start = time.perf_counter()
+        out["held_recall"] = round(recall_at_k(found(held, held_ids), held_truth), 5)
+        batch = (time.perf_counter() - start) * 1000 / len(held)
+        if vectors is not None:
+            plain = found(held, held_ids, with_rerank=False)
+            out["held_recall_without_rerank"] = round(recall_at_k(plain, held_truth), 5)
+        singles = min(50, len(held))
+        start = time.perf_counter()
+        for q in range(singles):
+            found(held[q : q + 1], held_ids[q : q + 1])
+        single = (time.perf_counter() - start) * 1000 / singles
+        out["latency_ms"] = {
+            "per_query_in_a_batch": round(batch, 4),
+            "one_query": round(single, 4),
+            "batch": len(held),
+        }
+    return out

@@ -24,6 +24,7 @@ from semclust.rundir.layout import ASSIGNMENTS, DUPLICATES, INDEX, KNN
 INDEX_FILE = "index.faiss"
 INDEX_IDS = "ids.parquet"
 INDEX_META = "meta.json"
+INDEX_RERANK = "vectors.f16.npy"  # IVF-PQ with re-ranking: float16 rows, similarity space
 INDEX_FORMAT = 2  # meta.json "format": rows numbered in shard order (format 1 stored image ids)
 
 

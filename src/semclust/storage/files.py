@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import posixpath
+import shutil
 import uuid
 from collections.abc import Iterator
 from typing import Any, TypeVar
@@ -79,6 +80,22 @@ def write_bytes(uri: str, data: bytes) -> None:
     else:
         with fs.open_output_stream(path) as f:
             f.write(data)
+
+
+@_retrying("write")
+def upload_file(local_path: str, uri: str, chunk: int = 64 << 20) -> None:
+    """Copy a local file to ``uri`` in chunks (a file larger than memory is never read whole);
+    a local ``uri`` gets it atomically, by rename when possible."""
+    fs, path = resolve(uri)
+    fs.create_dir(posixpath.dirname(path), recursive=True)
+    if isinstance(fs, pafs.LocalFileSystem):
+        with _temporary(path) as tmp:
+            shutil.copyfile(local_path, tmp)
+            os.replace(tmp, path)
+        return
+    with open(local_path, "rb") as src, fs.open_output_stream(path) as dst:
+        while block := src.read(chunk):
+            dst.write(block)
 
 
 def write_json(uri: str, obj: Any) -> None:
