@@ -155,7 +155,7 @@ class GraphSearcher:
                 index = to_gpus(index, fp16=gc.fp16, shard=True)
             self.ids = np.concatenate(id_parts)
         else:
-            index = load_index(index_uri)
+            index = load_index(index_uri, mmap=True)  # actors on a node share its pages
             if gpus and spec.kind != "hnsw":
                 index = to_gpus(index)
             self.ids = np.asarray(load_array(beside(index_uri, GRAPH_IDS)))

@@ -90,7 +90,7 @@ class SearchIndex:
                 "another run directory or leave --backbone out"
             )
         self.spec = IndexSpec(**{k: v for k, v in self.meta["spec"].items() if k != "factory"})
-        self.cpu_index = load_index(index_file(run_dir, INDEX_FILE))
+        self.cpu_index = load_index(index_file(run_dir, INDEX_FILE), mmap=True)
         self.index = self.cpu_index
         gpus = resolve_gpus(device, "search") if self.spec.kind != "hnsw" else 0
         if gpus:
