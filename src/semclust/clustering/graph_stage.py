@@ -169,13 +169,15 @@ def _search(
     # The exact neighbours are Ray tasks: they run before the actors claim the CPUs.
     probe = _Probe(ctx, shards, k, sample) if depth and sample > 0 else None
     out: dict[str, Any] = {}
+    n_actors, cpus = actor_plan(gc, gpu, max(1, len(pending)))
+    if not pending and probe is None:  # nothing to search or measure (an exact graph resumed)
+        n_actors = 0
     with runinfo.timed("graph queries") as query_time:
-        n_actors, cpus = actor_plan(gc, gpu, max(1, len(pending)))
         num_gpus = 1 if gpu and spec.kind != "hnsw" else 0
         actor_cls = ctx.remote(GraphSearcher, **remote_options(num_cpus=cpus, num_gpus=num_gpus))
         actors = [actor_cls.remote(shards, spec, index_uri, gc, cpus) for _ in range(n_actors)]
         try:
-            if depth:
+            if depth and actors:
                 out[depth], out["tuning"] = _choose_depth(ray, actors[0], probe, fixed, k, gc)
                 ray.get([a.set_depth.remote(out[depth]) for a in actors])
             bucketed = gc.bucketed and spec.kind == "ivf_flat" and not num_gpus
