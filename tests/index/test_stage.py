@@ -168,3 +168,14 @@ def test_stages_and_search_on_object_storage(ray_local, s3_bucket):
     assert storage.exists(f"{run_dir}/duplicates/part-00000.parquet")
     hits = SearchIndex(run_dir).search_ids([int(ids[42])], 3)[0]
     assert hits[0].image_id == int(ids[42]) and hits[0].uri.endswith("img-0000042.jpg")
+    # IVF-PQ on the store: the re-rank vectors are uploaded, and come back read whole (an object
+    # cannot be memory-mapped).
+    overrides = {"index.type": "ivf_pq", "index.nlist": 16, "index.pq_m": 4}
+    record = runner.run_stages(index_cfg(run_dir, **overrides), ["index"])["index"]
+    assert record["rerank"] == {"file": "vectors.f16.npy", "factor": 8}
+    assert storage.exists(f"{run_dir}/index/vectors.f16.npy")
+    index = SearchIndex(run_dir)
+    assert not isinstance(index.rerank_vectors, np.memmap)
+    assert index.rerank_vectors.shape == (3_000, 16)
+    hits = index.search_ids([int(ids[42])], 3)[0]
+    assert hits[0].image_id == int(ids[42]) and abs(hits[0].similarity - 1.0) < 2e-3

@@ -52,7 +52,10 @@ def vectors_writer(uri: str, n: int, dim: int) -> Iterator[np.ndarray]:
         yield array
         array.flush()
         del array
-        storage.upload_file(tmp, uri)
+        if directory is not None:  # local: the temporary file is beside it, a rename will do
+            os.replace(tmp, storage.resolve(uri)[1])
+        else:
+            storage.upload_file(tmp, uri)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
