@@ -287,7 +287,6 @@ def tune_depth(
         return _without_self(query_ids, np.where(rows >= 0, ids[np.maximum(rows, 0)], -1), sims)
 
     tried: list[list[float]] = []
-    depth = probe["depths"][-1]
     for depth in probe["depths"]:
         set_search_params(index, **{name: depth})
         if not len(tune):
@@ -299,8 +298,9 @@ def tune_depth(
     out: dict[str, Any] = {"depth": int(depth), "tried": tried}
     if len(held):
         start = time.perf_counter()
-        out["held_recall"] = round(recall_at_k(found(held, held_ids), held_truth), 5)
+        answers = found(held, held_ids)
         batch = (time.perf_counter() - start) * 1000 / len(held)
+        out["held_recall"] = round(recall_at_k(answers, held_truth), 5)
         if vectors is not None:
             plain = found(held, held_ids, with_rerank=False)
             out["held_recall_without_rerank"] = round(recall_at_k(plain, held_truth), 5)
