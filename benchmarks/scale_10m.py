@@ -245,14 +245,7 @@ def faiss_ivf_baseline(
     for s in range(0, n, 65_536):
         index.search(x[s : s + 65_536], K + 1)
     search = time.perf_counter() - start
-    return {
-        "seconds": round(build + search, 1),
-        "build_s": round(build, 1),
-        "search_s": round(search, 1),
-        "nlist": nlist,
-        "nprobe": nprobe,
-        "recall_at_10": round(got, 4),
-    }
+    return _baseline_figures(build, search, got, nlist=nlist, nprobe=nprobe)
 
 
 def hnswlib_baseline(
@@ -276,11 +269,16 @@ def hnswlib_baseline(
     start = time.perf_counter()
     index.knn_query(x, K + 1, num_threads=os.cpu_count() or 1)
     search = time.perf_counter() - start
+    return _baseline_figures(build, search, got, ef=ef)
+
+
+def _baseline_figures(build: float, search: float, got: float, **params: int) -> dict[str, Any]:
+    """A baseline's record: total, build and search seconds, its parameters, its recall@10."""
     return {
         "seconds": round(build + search, 1),
         "build_s": round(build, 1),
         "search_s": round(search, 1),
-        "ef": ef,
+        **params,
         "recall_at_10": round(got, 4),
     }
 
