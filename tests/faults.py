@@ -74,10 +74,10 @@ def _parent(pid: int) -> int | None:
         return None
 
 
-def model_actor_started(root: int) -> bool:
-    """A process below ``root`` (the `semclust embed` driver, whose local Ray spawns the
-    workers) runs the embed stage's model actor: from here on the reads of the images (decode
-    runs in that actor on CPU) and the commits are still to come."""
+def model_actor_pids(root: int) -> list[int]:
+    """The processes below ``root`` (the `semclust embed` driver, whose local Ray spawns the
+    workers) that run the embed stage's model actor."""
+    found = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -93,8 +93,32 @@ def model_actor_started(root: int) -> bool:
             if pid is None or pid <= 1:
                 break
             if pid == root:
-                return True
-    return False
+                found.append(int(entry))
+                break
+    return found
+
+
+def model_actor_started(root: int) -> bool:
+    """The embed stage's model actor runs below ``root``: from here on the reads of the images
+    (decode runs in that actor on CPU) and the commits are still to come."""
+    return bool(model_actor_pids(root))
+
+
+@contextlib.contextmanager
+def actors_paused(root: int):
+    """SIGSTOP the model actors below ``root`` for the block (a stalled node), so a fault
+    caused meanwhile lands while images are still to come, however fast the machine is;
+    SIGCONT on the way out."""
+    pids = model_actor_pids(root)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGSTOP)
+    try:
+        yield pids
+    finally:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
 
 
 def start_and_wait(

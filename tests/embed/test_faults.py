@@ -21,6 +21,7 @@ from semclust import storage
 from semclust.config import StorageConfig
 from tests.faults import (
     UNUSABLE,
+    actors_paused,
     check_complete,
     cli_message,
     committed_parts,
@@ -151,28 +152,30 @@ def test_outage_past_the_budget_fails_cleanly_and_one_resume_completes(
 def test_ctrl_c_exits_130_records_interrupted_and_a_resume_completes(
     images, reference, tmp_path, sig, code
 ):
-    """SIGINT to the driver, as Ctrl-C in a terminal (or SIGTERM, as a pod being stopped):
-    exit 130 (143), one line, run.json says `interrupted`; a second run while the first holds
-    the directory is refused first."""
+    """SIGINT to the driver, as Ctrl-C in a terminal (or SIGTERM, as a pod being stopped),
+    while images are still to come: exit 130 (143), one line, run.json says `interrupted`; a
+    second run while the first holds the directory is refused first."""
     prefix = "file://" + str(images)
     run_dir = str(tmp_path / "run")
     cmd = embed_command(prefix + "/", run_dir)
-    proc = start_and_wait(cmd, dict(os.environ), model_actor_started)
+    proc = start_and_wait(cmd, dict(os.environ), lambda _pid: committed_parts(run_dir) >= 1)
+    # The model actor held still from the first commit on: the signal lands mid-run however
+    # fast this machine embeds the other 18 parts.
     try:
-        second = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        with actors_paused(proc.pid) as paused:
+            assert paused, "no model actor below the driver"
+            second = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+            assert second.returncode == 2, second.stderr[-2000:]
+            _no_traceback(second.stderr)
+            line = _last_line(second.stderr)
+            assert "in use by another run" in line and f"pid {proc.pid}" in line, line
+            assert "semclust unlock" in line, line
+            assert committed_parts(run_dir) < 19
+            proc.send_signal(sig)
+            time.sleep(1)
     except BaseException:
         stop_group(proc)
         raise
-    if second.returncode != 2:
-        stop_group(proc)
-    assert second.returncode == 2, second.stderr[-2000:]
-    _no_traceback(second.stderr)
-    line = _last_line(second.stderr)
-    assert "in use by another run" in line and f"pid {proc.pid}" in line, line
-    assert "semclust unlock" in line, line
-
-    time.sleep(3)  # the model loading, images in flight
-    proc.send_signal(sig)
     got, err = finish(proc, timeout=180)
     assert got == code, err[-3000:]
     _no_traceback(err)
