@@ -59,6 +59,7 @@ def test_a_wrong_secret_is_not_a_property_of_one_image(s3_server, s3_bucket, mon
     (the run stops, the resume reads it) instead of writing each image as a failure."""
     from semclust import storage
     from semclust.config import StorageConfig
+    from semclust.embed import actors
     from semclust.embed.actors import read_one
 
     s3_server.client().put_object(Bucket=s3_bucket, Key="a.jpg", Body=b"x")
@@ -78,9 +79,55 @@ def test_a_wrong_secret_is_not_a_property_of_one_image(s3_server, s3_bucket, mon
         monkeypatch.undo()
         storage.forget_clients()
         storage._BUCKET_CHECKS.clear()
+        actors._STORES_DOWN.clear()  # the store this process found down: a new process
     assert read_one((uri, -1, -1)) == (b"x", "", False)
     data, error, transient = read_one((f"s3://{s3_bucket}/gone.jpg", -1, -1))
     assert data is None and not transient and "FileNotFoundError" in error
+
+
+def test_a_store_down_past_the_budget_defers_the_next_reads_without_trying_them(
+    s3_server, s3_bucket
+):
+    """Once a read has ridden out storage.retry_seconds and the bucket does not answer, the
+    process's next reads of that store are deferred at once (no connection made), so a store
+    away for an hour does not cost the budget once per image; once it answers, reads go on."""
+    from semclust import storage
+    from semclust.config import StorageConfig
+    from semclust.embed import actors
+    from tests.faults import RefusingPort
+
+    s3_server.client().put_object(Bucket=s3_bucket, Key="b.jpg", Body=b"y")
+    uri = f"s3://{s3_bucket}/b.jpg"
+    port = free_port()
+    refusing = RefusingPort(port)
+    storage._BUCKET_CHECKS.clear()
+    actors._STORES_DOWN.clear()
+    try:
+        down = StorageConfig(
+            endpoint_url=f"http://127.0.0.1:{port}", retry_seconds=0.5, max_attempts=1
+        )
+        with storage.using(down):
+            data, error, transient = actors.read_one((uri, -1, -1))
+            assert data is None and transient and "NETWORK_CONNECTION" in error
+            assert f"s3://{s3_bucket}" in actors._STORES_DOWN
+            tried = refusing.attempts
+            assert tried >= 2  # the read's own tries and the bucket probe
+            for key in ("c.jpg", "d.jpg", "e.jpg"):
+                data, error, transient = actors.read_one((f"s3://{s3_bucket}/{key}", -1, -1))
+                assert data is None and transient
+                assert "read deferred" in error and "unreachable" in error, error
+            assert refusing.attempts == tried
+        # The same bucket answering again (here: the session's server) is read as before,
+        # once the store is due to be asked again (2 s after it was found down).
+        time.sleep(2.1)
+        with storage.using(StorageConfig(endpoint_url=s3_server.endpoint)):
+            assert actors.read_one((uri, -1, -1)) == (b"y", "", False)
+        assert not actors._STORES_DOWN
+    finally:
+        refusing.close()
+        storage.forget_clients()
+        storage._BUCKET_CHECKS.clear()
+        actors._STORES_DOWN.clear()
 
 
 def test_full_disk_and_bad_values_are_not_retried():

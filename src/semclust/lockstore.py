@@ -95,7 +95,8 @@ class LocalStore:
 
 
 def _code(exc: Exception) -> str:
-    return str(getattr(exc, "response", {}).get("Error", {}).get("Code", ""))
+    # Errors without an answer (a refused connection) carry ``response=None``.
+    return str((getattr(exc, "response", None) or {}).get("Error", {}).get("Code", ""))
 
 
 class S3Store:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import logging
 import platform
@@ -89,6 +90,10 @@ def mark_stopped(run_dir: str, exc: BaseException) -> list[str]:
     failed, run.json may be out of reach too, and the original error matters more."""
     from semclust.retry import RetryPolicy, retry_call
 
+    if getattr(exc, "_semclust_stop_recorded", False):
+        return []  # the stage recorded it already: no second wait on a store that is away
+    with contextlib.suppress(AttributeError):
+        exc._semclust_stop_recorded = True  # type: ignore[attr-defined]
     status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
     cause = getattr(exc, "cause", None) or exc
     error = storage.redact(f"{type(cause).__name__}: {cause}")[:2000]

@@ -6,6 +6,7 @@ built from ``EmbedderSpec``. The stage binds both to the run's storage settings
 
 from __future__ import annotations
 
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -79,19 +80,67 @@ class EmbedderSpec:
         )
 
 
+@dataclass
+class _StoreDown:
+    error: str  # the read error that tripped it
+    probe_at: float  # time.monotonic() of the next question whether it is back
+    interval: float = (
+        2.0  # seconds; doubles after each unanswered question, up to _MAX_PROBE_SECONDS
+    )
+
+
+# Stores (``s3://bucket``) whose reads in this process ran out of ``storage.retry_seconds``
+# while the bucket itself did not answer. While one stays down, the reads of its images are
+# deferred at once instead of each riding out the whole budget again: a store away for an
+# hour leaves the run in seconds, not after a budget per image.
+_STORES_DOWN: dict[str, _StoreDown] = {}
+_MAX_PROBE_SECONDS = 30.0
+
+
+def _still_down(store: str, uri: str) -> _StoreDown | None:
+    """The store's down record while it still does not answer; None once it does."""
+    down = _STORES_DOWN.get(store)
+    if down is None:
+        return None
+    now = time.monotonic()
+    if now < down.probe_at:
+        return down
+    # Claimed before the question, so that the other reader threads do not ask it too.
+    down.probe_at = now + down.interval
+    if not storage.bucket_reachable(uri, max_age=0):
+        down.interval = min(2 * down.interval, _MAX_PROBE_SECONDS)
+        down.probe_at = time.monotonic() + down.interval
+        return down
+    _STORES_DOWN.pop(store, None)
+    return None
+
+
+def _store_of(uri: str) -> str | None:
+    if not storage.is_remote(uri):
+        return None
+    scheme, rest = uri.split("://", 1)
+    return f"{scheme}://{rest.split('/', 1)[0]}"
+
+
 def read_one(item: tuple[str, int, int]) -> tuple[bytes | None, str, bool]:
     """(bytes or None, error, transient) of one (uri, offset, size): a read problem is this
     image's, not the batch's."""
+    uri = item[0]
+    store = _store_of(uri)
+    down = _still_down(store, uri) if store is not None else None
+    if down is not None:
+        return None, f"read deferred: {store} is unreachable ({down.error})", True
     policy = storage.retry_policy()
     try:
-        return retry_call(lambda: read_image_bytes(*item), policy, f"read {item[0]}"), "", False
+        return retry_call(lambda: read_image_bytes(*item), policy, f"read {uri}"), "", False
     except Exception as exc:
         # A 403 is the object's only when the bucket still answers (else: expired credentials).
-        denied_all = (
-            is_denied(exc) and storage.is_remote(item[0]) and not storage.bucket_reachable(item[0])
-        )
+        denied_all = is_denied(exc) and store is not None and not storage.bucket_reachable(uri)
         transient = is_transient(exc) or denied_all
-        return None, f"read failed: {type(exc).__name__}: {storage.redact(str(exc))}", transient
+        error = f"read failed: {type(exc).__name__}: {storage.redact(str(exc))}"
+        if transient and store is not None and not storage.bucket_reachable(uri, max_age=0):
+            _STORES_DOWN[store] = _StoreDown(error[:500], time.monotonic() + _StoreDown.interval)
+        return None, error, transient
 
 
 def decode_stage(

@@ -91,5 +91,7 @@ def bucket_reachable(uri: str, max_age: float = 10.0) -> bool:
         reachable = fs.get_file_info(bucket).type == pafs.FileType.Directory
     except OSError:
         reachable = False
-    _BUCKET_CHECKS[bucket] = (now, reachable)
+    # The answer's age counts from when it came: a probe of a store that is down can take
+    # seconds of the client's own retries.
+    _BUCKET_CHECKS[bucket] = (time.monotonic(), reachable)
     return reachable
