@@ -13,6 +13,11 @@ Baselines, in the same run:
   trained on 64 rows per list, every row added, and one ``index.search`` of every row with the
   smallest nprobe (1, 2, 4, ...) whose recall@10 reaches semclust's measured recall: that nprobe
   is found first, untimed, so the baseline is given its tuning for free;
+- cluster, hand-written FAISS (``faiss_kmeans``): read the shards with pyarrow,
+  ``faiss.Kmeans(d, 1000, niter=20, spherical=True)`` trained on every row (FAISS subsamples
+  256 per centroid itself, as semclust does), then ``km.index.search`` of every row and the
+  labels written to Parquet. Both objectives are the mean squared distance of every row to its
+  centroid (semclust's from its ``assignments/``);
 - graph, a well-kept kNN library (``--library hnswlib``, when installed): ``hnswlib`` HNSW
   (M=16, ef_construction=100) over every row, then ``knn_query`` of every row with the smallest ef
   reaching the same recall (likewise tuned untimed).
@@ -182,6 +187,10 @@ def run_stage(stage: str, run_dir: Path, extra: list[str], timeout: float) -> di
         "query_seconds",
         "rows",
         "k",
+        "train_seconds",
+        "assign_seconds",
+        "trained_on",
+        "timings",
     )
     out["record"] = {key: record[key] for key in keep if key in record}
     return out
@@ -248,6 +257,47 @@ def faiss_ivf_baseline(
     return _baseline_figures(build, search, got, nlist=nlist, nprobe=nprobe)
 
 
+def faiss_kmeans_baseline(run_dir: Path, k: int, seed: int) -> dict[str, Any]:
+    """The hand-written FAISS k-means of every row, labels written: seconds and objective."""
+    import faiss
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    start = time.perf_counter()
+    ids, x = read_rows(run_dir)
+    read = time.perf_counter() - start
+    km = faiss.Kmeans(DIM, k, niter=20, seed=seed, spherical=True, verbose=False)
+    km.train(x)
+    train = time.perf_counter() - start - read
+    dist = np.empty(len(x), dtype=np.float32)
+    labels = np.empty(len(x), dtype=np.int64)
+    for s in range(0, len(x), 65_536):
+        d, i = km.index.search(x[s : s + 65_536], 1)
+        dist[s : s + len(d)], labels[s : s + len(d)] = d[:, 0], i[:, 0]
+    table = pa.table({"image_id": ids, "cluster": labels, "distance": dist})
+    pq.write_table(table, run_dir / "faiss-kmeans-labels.parquet")
+    seconds = time.perf_counter() - start
+    return {
+        "seconds": round(seconds, 1),
+        "read_s": round(read, 1),
+        "train_s": round(train, 1),
+        "assign_s": round(seconds - read - train, 1),
+        "mean_sq_distance": round(float(dist.mean(dtype=np.float64)), 5),
+    }
+
+
+def semclust_kmeans_objective(run_dir: Path) -> float:
+    """Mean squared distance of every row to its centroid, from semclust's assignments/."""
+    import pyarrow.parquet as pq
+
+    total, rows = 0.0, 0
+    for path in sorted((run_dir / "assignments").glob("part-*.parquet")):
+        dist = pq.read_table(path, columns=["distance"])["distance"].to_numpy()
+        total += float(dist.sum(dtype=np.float64))
+        rows += len(dist)
+    return total / rows
+
+
 def hnswlib_baseline(
     run_dir: Path, target: float, rows: np.ndarray, truth: np.ndarray
 ) -> dict[str, Any]:
@@ -291,8 +341,9 @@ def growth(points: list[tuple[int, float]]) -> list[float]:
     ]
 
 
+CLUSTER_K = 1000
 STAGE_ARGS = {
-    "cluster": ["--k", "1000"],
+    "cluster": ["--k", str(CLUSTER_K)],
     "graph": ["--set", "graph.duplicate_threshold=none"],
     "index": [],
 }
@@ -329,6 +380,14 @@ def main(argv: list[str] | None = None) -> int:
         for stage in args.stages:
             entry[stage] = run_stage(stage, run_dir, STAGE_ARGS[stage], args.timeout)
             print(json.dumps({"n": n, stage: entry[stage]}), flush=True)
+        if "cluster" in entry and entry["cluster"]["exit"] == 0:
+            entry["cluster"]["mean_sq_distance"] = round(semclust_kmeans_objective(run_dir), 5)
+            if not args.no_faiss_baseline:
+                entry["faiss_kmeans"] = faiss_kmeans_baseline(run_dir, CLUSTER_K, seed=1234)
+                entry["cluster_over_faiss_kmeans"] = round(
+                    entry["cluster"]["seconds"] / entry["faiss_kmeans"]["seconds"], 3
+                )
+                print(json.dumps({"n": n, "faiss_kmeans": entry["faiss_kmeans"]}), flush=True)
         if "graph" in entry and entry["graph"]["exit"] == 0:
             got = semclust_graph_recall(run_dir, ids, rows, truth)
             entry["graph"]["recall_at_10"] = round(got, 4)
@@ -351,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
         results.append(entry)
         shutil.rmtree(run_dir, ignore_errors=True)
     summary: dict[str, Any] = {"sizes": args.sizes, "cpus": os.cpu_count()}
-    for stage in [*args.stages, "faiss_ivf", "hnswlib"]:
+    for stage in [*args.stages, "faiss_ivf", "hnswlib", "faiss_kmeans"]:
         points = [
             (e["n"], e[stage]["seconds"])
             for e in results

@@ -60,6 +60,27 @@ def test_confident_targets_balance_classes():
     assert 3 * weights[0] == pytest.approx(weights[1])
 
 
+def test_confident_targets_of_a_model_chunk_by_chunk_equal_those_of_all_probabilities(
+    monkeypatch,
+):
+    """The self-labelling targets come from a chunked pass that keeps only each row's top
+    probability (a 10M x 1000 probability matrix would be 40 GB): the same rows, labels and
+    weights as from every probability at once, across chunk boundaries."""
+    import keras
+
+    from semclust.clustering import scan
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(5, activation="softmax")])
+    x = np.random.default_rng(0).standard_normal((1000, 8)).astype(np.float32) * 3
+    whole = scan.confident_targets(np.asarray(model(x)), 0.6)
+    monkeypatch.setattr(scan, "_TARGET_BATCH", 96)  # 11 chunks, the last one short
+    chunked = scan.confident_targets_of(model, x, 0.6)
+    assert 100 < len(whole[0]) < 1000  # the threshold splits the rows
+    for a, b in zip(whole, chunked, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 @pytest.fixture(scope="module")
 def digits_with_noisy_graph():
     """scikit-learn's digits (1,797 real 8x8 images, 10 classes), centred and normalised,

@@ -149,10 +149,11 @@ def test_an_index_built_with_the_same_settings_is_kept(ray_local, data, tmp_path
     assert (work / "index" / "meta.json").is_file()
 
 
-def test_stages_and_search_on_object_storage(ray_local, s3_bucket):
+def test_stages_and_search_on_object_storage(ray_local, s3_bucket, tmp_path, monkeypatch):
     """cluster, graph and index read and write an s3:// run directory; search loads from it."""
     from semclust import storage
 
+    monkeypatch.setenv("SEMCLUST_CACHE_DIR", str(tmp_path / "cache"))
     run_dir = f"s3://{s3_bucket}/run"
     x, _, _ = planted(3_000, 5, 16, noise=0.3, seed=8)
     ids = write_run(run_dir, x, rows_per_part=1_000)
@@ -168,14 +169,17 @@ def test_stages_and_search_on_object_storage(ray_local, s3_bucket):
     assert storage.exists(f"{run_dir}/duplicates/part-00000.parquet")
     hits = SearchIndex(run_dir).search_ids([int(ids[42])], 3)[0]
     assert hits[0].image_id == int(ids[42]) and hits[0].uri.endswith("img-0000042.jpg")
-    # IVF-PQ on the store: the re-rank vectors are uploaded, and come back read whole (an object
-    # cannot be memory-mapped).
+    # IVF-PQ on the store: the re-rank vectors are uploaded, and come back memory-mapped from
+    # their local copy (downloaded once), as the index is.
     overrides = {"index.type": "ivf_pq", "index.nlist": 16, "index.pq_m": 4}
     record = runner.run_stages(index_cfg(run_dir, **overrides), ["index"])["index"]
     assert record["rerank"] == {"file": "vectors.f16.npy", "factor": 8}
     assert storage.exists(f"{run_dir}/index/vectors.f16.npy")
     index = SearchIndex(run_dir)
-    assert not isinstance(index.rerank_vectors, np.memmap)
+    assert isinstance(index.rerank_vectors, np.memmap)
+    assert str(index.rerank_vectors.filename).startswith(str(tmp_path / "cache"))
     assert index.rerank_vectors.shape == (3_000, 16)
+    copies = sorted(p.name for p in (tmp_path / "cache").iterdir())
+    assert [c.rsplit("-", 1)[-1] for c in copies] == ["index.faiss", "vectors.f16.npy"], copies
     hits = index.search_ids([int(ids[42])], 3)[0]
     assert hits[0].image_id == int(ids[42]) and abs(hits[0].similarity - 1.0) < 2e-3

@@ -87,7 +87,7 @@ def test_sample_rows_is_seeded_uniform_and_reads_only_drawn_shards(run, monkeypa
     np.testing.assert_array_equal(rows, x[where])
     assert (np.diff(where) > 0).all()  # in shard order
     drawn = sorted({int(w) // 300 for w in where})
-    assert read == [shards.uris[p] for p in drawn]  # no other shard was read
+    assert sorted(read) == [shards.uris[p] for p in drawn]  # no other shard was read
     np.testing.assert_array_equal(sample_rows(shards, 5, seed=7), rows)
     assert not np.array_equal(sample_rows(shards, 5, seed=8), rows)
     everything = sample_rows(shards, 5_000, seed=1)  # more than there are: every row once
@@ -102,6 +102,23 @@ def test_rows_of_ids_with_absent_ids():
     assert rows_of_ids(ids, order, np.array([[5, 30], [99, 40]])).tolist() == [[-1, 2], [-1, 0]]
     empty = np.empty(0, np.int64)
     assert rows_of_ids(empty, empty, np.array([1, 2])).tolist() == [-1, -1]
+
+
+def test_gather_reads_only_the_shards_holding_the_rows(run, monkeypatch):
+    run_dir, x, _ = run
+    rows = RunRows.load(str(run_dir))
+    read: list[str] = []
+    real = embeddings.read_checked
+
+    def spy(uri: str, dim: int):
+        read.append(uri)
+        return real(uri, dim)
+
+    monkeypatch.setattr(embeddings, "read_checked", spy)
+    wanted = np.array([999, 0, 950, 5, 0])  # shards 3 and 0, in any order, one row twice
+    np.testing.assert_allclose(rows.gather(wanted), normalize_rows(x[wanted]), rtol=1e-6)
+    assert read == [rows.shard_uris[0], rows.shard_uris[3]]
+    assert rows.gather(np.empty(0, np.int64)).shape == (0, 8) and len(read) == 2
 
 
 def test_run_rows_and_read_clusters(run):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pyarrow as pa
 import pytest
@@ -161,3 +162,31 @@ def test_awkward_keys_round_trip(s3_server, s3_bucket):
     assert client.get_object(Bucket=s3_bucket, Key=f"{prefix}/written #1?.bin")["Body"].read() == (
         b"w"
     )
+
+
+def test_local_copy_downloads_once_per_version_and_drops_older_ones(
+    s3_bucket, tmp_path, monkeypatch
+):
+    """An index or its re-rank vectors on S3 are memory-mapped from a local copy: downloaded
+    in chunks (here 3 bytes), kept while the object is unchanged, replaced when it is
+    rewritten; a missing object is a FileNotFoundError, not an empty copy."""
+    import time
+
+    monkeypatch.setenv("SEMCLUST_CACHE_DIR", str(tmp_path / "cache"))
+    uri = f"s3://{s3_bucket}/run/index/vectors.f16.npy"
+    storage.write_bytes(uri, b"0123456789")
+    first = storage.local_copy(uri, chunk=3)
+    assert first.startswith(str(tmp_path / "cache"))
+    assert Path(first).read_bytes() == b"0123456789"
+    stamp = os.stat(first).st_mtime_ns
+    assert storage.local_copy(uri) == first and os.stat(first).st_mtime_ns == stamp
+    time.sleep(1.1)  # S3 modification times are in seconds
+    storage.write_bytes(uri, b"abcdefghijklmnop")
+    second = storage.local_copy(uri)
+    assert second != first and Path(second).read_bytes() == b"abcdefghijklmnop"
+    assert sorted(os.listdir(tmp_path / "cache")) == [os.path.basename(second)]
+    with pytest.raises(FileNotFoundError, match="no such object"):
+        storage.local_copy(f"s3://{s3_bucket}/run/index/absent.npy")
+    local = tmp_path / "here.bin"
+    local.write_bytes(b"x")
+    assert storage.local_copy(str(local)) == str(local)  # a local file is its own copy

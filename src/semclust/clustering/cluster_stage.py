@@ -145,8 +145,11 @@ def train_and_save(run_dir: str, shards: ShardSet, cc: ClusterConfig) -> dict[st
             wanted,
         )
     start = time.perf_counter()
-    model, trained = train_kmeans(sample_rows(shards, rows, cc.seed), cc, gpus, k)
+    sample = sample_rows(shards, rows, cc.seed)
+    sampled = time.perf_counter()
+    model, trained = train_kmeans(sample, cc, gpus, k)
     trained["train_seconds"] = round(time.perf_counter() - start, 3)
+    trained["timings"] = {"sample_s": round(sampled - start, 3), **trained["timings"]}
     if selection is not None:
         trained["k_selection"] = {
             key: selection[key] for key in ("chosen_k", "best_silhouette_k", "elbow_k")

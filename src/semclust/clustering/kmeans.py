@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from typing import Any
 
 import numpy as np
@@ -89,12 +90,14 @@ def faiss_kmeans(
     init: str,
     seed: int,
     gpus: int = 0,
+    timings: dict[str, float] | None = None,
 ) -> np.ndarray:
     """k-means on float32 (n, d) rows (all used: sample first); centroids float32 (k, d).
 
     Each of the ``nredo`` runs starts from the ``init`` seeder (``seeding.SEEDERS``) with seed
     ``seed + run`` and does ``niter`` Lloyd iterations in FAISS (on the GPUs when ``gpus`` > 0);
-    the run with the lowest sum of squared distances is kept.
+    the run with the lowest sum of squared distances is kept. ``timings``: seconds of seeding
+    (``seed_s``) and of the iterations (``lloyd_s``) are added to it.
     """
     import faiss
 
@@ -119,7 +122,13 @@ def faiss_kmeans(
             gpu=gpus if gpus > 0 else False,
             verbose=False,
         )
-        km.train(x, init_centroids=seeder(x, k, seed + redo, gpus))
+        start = time.perf_counter()
+        init_centroids = seeder(x, k, seed + redo, gpus)
+        seeded = time.perf_counter()
+        km.train(x, init_centroids=init_centroids)
+        if timings is not None:
+            timings["seed_s"] = timings.get("seed_s", 0.0) + seeded - start
+            timings["lloyd_s"] = timings.get("lloyd_s", 0.0) + time.perf_counter() - seeded
         centroids = np.asarray(km.centroids, dtype=np.float32)
         if nredo == 1:
             return centroids
@@ -160,6 +169,7 @@ def two_level_kmeans(
     init: str,
     seed: int,
     gpus: int = 0,
+    timings: dict[str, float] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Two-level k-means of float32 (n, d) rows: sqrt(k) coarse clusters (``nredo`` restarts),
     then each split by k-means (one run) in proportion to its size.
@@ -169,7 +179,13 @@ def two_level_kmeans(
     import faiss
 
     k1 = max(2, min(round(math.sqrt(k)), len(x) // 2))
-    common = {"niter": niter, "spherical": spherical, "init": init, "gpus": gpus}
+    common = {
+        "niter": niter,
+        "spherical": spherical,
+        "init": init,
+        "gpus": gpus,
+        "timings": timings,
+    }
     coarse = faiss_kmeans(x, k1, nredo=nredo, seed=seed, **common)
     index = faiss.IndexFlatL2(x.shape[1])
     index.add(coarse)
@@ -207,8 +223,11 @@ def train_kmeans(
         raise ValueError(f"cluster.k={k} is larger than the {n} rows to cluster; choose k <= {n}")
     if n < 39 * k:
         log.warning("k-means: %d rows for k=%d: under 39 per centroid, clusters may be poor", n, k)
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
     transform = RowTransform.fit(sample, cc.pca_dim, cc.whiten, cc.spherical)
     x = transform.apply(sample)
+    timings["transform_s"] = time.perf_counter() - start
     options = {
         "niter": cc.niter,
         "nredo": cc.nredo,
@@ -216,12 +235,15 @@ def train_kmeans(
         "init": cc.init,
         "seed": cc.seed,
         "gpus": gpus,
+        "timings": timings,
     }
     if use_two_level(cc, k):
         model = KMeansModel(transform, *two_level_kmeans(x, k, **options))
     else:
         model = KMeansModel(transform, faiss_kmeans(x, k, **options))
+    start = time.perf_counter()
     _, dist = CentroidAssigner(model, gpus=gpus, nprobe=cc.assign_nprobe).assign_model_space(x)
+    timings["objective_s"] = time.perf_counter() - start
     summary = {
         "k": k,
         "dim": dim,
@@ -242,5 +264,6 @@ def train_kmeans(
         "seed": cc.seed,
         "gpus": gpus,
         "coarse_k": len(model.coarse) if model.coarse is not None else None,
+        "timings": {key: round(value, 3) for key, value in timings.items()},
     }
     return model, summary

@@ -155,7 +155,9 @@ class GraphSearcher:
                 index = to_gpus(index, fp16=gc.fp16, shard=True)
             self.ids = np.concatenate(id_parts)
         else:
-            index = load_index(index_uri, mmap=True)  # actors on a node share its pages
+            # Local: actors on a node share its pages. On object storage it is read whole: a
+            # graph's index lives as long as the stage, not worth a copy in the local cache.
+            index = load_index(index_uri, mmap=not storage.is_remote(index_uri))
             if gpus and spec.kind != "hnsw":
                 index = to_gpus(index)
             self.ids = np.asarray(load_array(beside(index_uri, GRAPH_IDS)))

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _EPS = 1e-8
+_TARGET_BATCH = 65_536  # rows predicted at once for the self-labelling targets
 
 
 # --- batches -------------------------------------------------------------------------------------
@@ -187,9 +188,31 @@ def confident_targets(
     any other's (weight m / (clusters present x rows of the cluster)), so that a large cluster
     cannot grow by outvoting the small ones.
     """
-    k = probs.shape[1]
-    rows = np.flatnonzero(probs.max(axis=1) >= threshold)
-    labels = np.argmax(probs[rows], axis=1)
+    return _weighted_targets(probs.max(axis=1), np.argmax(probs, axis=1), threshold, probs.shape[1])
+
+
+def confident_targets_of(
+    model: Any, features: np.ndarray, threshold: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``confident_targets`` of ``model``'s predictions on float32 rows (n, d), chunk by chunk:
+    only each row's top probability and cluster are kept (12 bytes a row, not 4 k)."""
+    n = len(features)
+    best = np.empty(n, dtype=np.float32)
+    top = np.empty(n, dtype=np.int64)
+    k = 0
+    for s in range(0, n, _TARGET_BATCH):
+        probs = predict_in_batches(model, features[s : s + _TARGET_BATCH])
+        best[s : s + len(probs)] = probs.max(axis=1)
+        top[s : s + len(probs)] = np.argmax(probs, axis=1)
+        k = probs.shape[1]
+    return _weighted_targets(best, top, threshold, k)
+
+
+def _weighted_targets(
+    best: np.ndarray, top: np.ndarray, threshold: float, k: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    rows = np.flatnonzero(best >= threshold)
+    labels = top[rows].astype(np.int64)
     counts = np.bincount(labels, minlength=k).astype(np.float64)
     present = max(1, int((counts > 0).sum()))
     weights = np.where(counts > 0, len(rows) / (present * np.maximum(counts, 1)), 0.0)
@@ -306,8 +329,7 @@ def _self_label(
     n, dim = features.shape
     curve: list[dict[str, float]] = []
     for epoch in range(rc.self_label_epochs):
-        probs = predict_in_batches(model, features)
-        rows, labels, weights = confident_targets(probs, rc.confidence_threshold)
+        rows, labels, weights = confident_targets_of(model, features, rc.confidence_threshold)
         entry = {"epoch": epoch + 1, "confident_fraction": round(len(rows) / n, 5)}
         if len(rows) < batch:
             log.warning(

@@ -225,9 +225,12 @@ def evaluate_run(
             ok = labelled & (assigned >= 0)
             if not ok.any():
                 continue
-            t = np.asarray(classes, dtype=object)[codes[ok]]
-            scores: dict[str, Any] = clustering_scores(t.tolist(), assigned[ok].tolist())
-            scores["per_class"] = per_class_scores(t.tolist(), assigned[ok].tolist())
+            # Integer codes, not class names: the scores do not depend on the names, and 10^7
+            # strings sorted once per score would take minutes and gigabytes.
+            t, a = codes[ok], assigned[ok]
+            scores: dict[str, Any] = clustering_scores(t, a)
+            per_code = per_class_scores(t, a)
+            scores["per_class"] = {classes[int(code)]: v for code, v in per_code.items()}
             metrics[name] = scores
         metrics["knn_graph"] = _knn_purity(run_dir, rows, codes)
         metrics["retrieval"] = _retrieval(run_dir, rows, codes, retrieval_queries, seed)

@@ -25,14 +25,9 @@ RERANK_DTYPE = np.float16  # half the bytes of float32; cosines move by ~1e-3 at
 
 
 def load_vectors(uri: str) -> np.ndarray:
-    """The re-rank vectors float16 (N, D): memory-mapped when local, read whole from object
-    storage (where nothing can be mapped)."""
-    import io
-
-    if not storage.is_remote(uri):
-        _, path = storage.resolve(uri)
-        return np.load(path, mmap_mode="r", allow_pickle=False)
-    return np.load(io.BytesIO(storage.read_bytes(uri)), allow_pickle=False)
+    """The re-rank vectors float16 (N, D), memory-mapped (from object storage: from the local
+    copy ``storage.local_copy`` downloads once per version)."""
+    return np.load(storage.local_copy(uri), mmap_mode="r", allow_pickle=False)
 
 
 @contextmanager

@@ -224,9 +224,24 @@ def _candidates(
             assert clusters is not None
             c = clusters[span]
             ok = c >= 0
-            np.add.at(centroid_sums, c[ok], vectors[ok])
+            _add_by_cluster(centroid_sums, c[ok], vectors[ok])
     background = np.median(np.concatenate(background_sims), axis=0)
     return candidate, best_sim, background, centroid_sums
+
+
+def _add_by_cluster(sums: np.ndarray, clusters: np.ndarray, vectors: np.ndarray) -> None:
+    """sums[c] += the rows of cluster c, for every c of ``clusters`` int (m,), in one sorted
+    pass (``np.add.at`` over 10^7 rows x 256 would take minutes)."""
+    if not len(clusters):
+        return
+    order = np.argsort(clusters, kind="stable")
+    sorted_clusters = clusters[order]
+    starts = np.flatnonzero(np.r_[True, sorted_clusters[1:] != sorted_clusters[:-1]])
+    block = np.add.reduceat(vectors[order].astype(np.float64), starts, axis=0)
+    sums[sorted_clusters[starts]] += block
+
+
+_VOTE_BLOCK = 65_536  # rows whose (rows, classes + 1) vote matrix is dense at once
 
 
 def _vote(
@@ -238,20 +253,25 @@ def _vote(
     n = len(vote_class)
     if graph is None:
         log.warning("label: the run has no kNN graph; each image keeps its own candidate")
-        votes = np.zeros((n, classes + 1), dtype=np.float32)
-        votes[np.arange(n), vote_class] = 1.0
-    else:
-        import scipy.sparse as sp
+        return np.asarray(vote_class), np.ones(n, dtype=np.float32)
+    import scipy.sparse as sp
 
-        g = graph[0].copy()
-        g.data = np.maximum(g.data, 0.0) if graph[1] == "cosine" else np.ones_like(g.data)
-        onehot = sp.csr_matrix(
-            (np.ones(n, dtype=np.float32), (np.arange(n), vote_class)), shape=(n, classes + 1)
-        )
-        votes = np.asarray((g @ onehot + onehot).todense(), dtype=np.float32)
-    votes /= votes.sum(axis=1, keepdims=True)
-    winner = np.argmax(votes, axis=1)
-    return winner, votes[np.arange(n), winner]
+    g = graph[0].copy()
+    g.data = np.maximum(g.data, 0.0) if graph[1] == "cosine" else np.ones_like(g.data)
+    onehot = sp.csr_matrix(
+        (np.ones(n, dtype=np.float32), (np.arange(n), vote_class)), shape=(n, classes + 1)
+    )
+    winner = np.empty(n, dtype=np.int64)
+    share = np.empty(n, dtype=np.float32)
+    # Block by block: the whole vote matrix is n x (classes + 1) floats (40 GB at 10^7 rows
+    # and 1,000 classes).
+    for s in range(0, n, _VOTE_BLOCK):
+        block = slice(s, min(n, s + _VOTE_BLOCK))
+        votes = np.asarray((g[block] @ onehot + onehot[block]).todense(), dtype=np.float32)
+        votes /= votes.sum(axis=1, keepdims=True)
+        winner[block] = np.argmax(votes, axis=1)
+        share[block] = votes[np.arange(len(votes)), winner[block]]
+    return winner, share
 
 
 def _cluster_labels(
@@ -267,9 +287,12 @@ def _cluster_labels(
     norms = np.linalg.norm(sums, axis=1, keepdims=True)
     centroids = sums / np.maximum(norms, 1e-12)
     sims = centroids @ protos.T.astype(np.float64)
+    # Each cluster's rows from one sort, not one scan of every row per cluster.
+    order = np.argsort(clusters, kind="stable")
+    bounds = np.searchsorted(clusters[order], np.arange(len(sums) + 1))
     for c in range(len(sums)):
-        members = clusters == c
-        size = int(members.sum())
+        members = order[bounds[c] : bounds[c + 1]]
+        size = len(members)
         if not size:
             continue
         best = int(np.argmax(sims[c]))

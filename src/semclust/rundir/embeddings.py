@@ -117,13 +117,21 @@ class RunRows:
             yield uri, rows, normalize_rows(vectors)
 
     def gather(self, rows: np.ndarray) -> np.ndarray:
-        """L2-normalised embeddings float32 (m, D) of the given rows (any order), streamed."""
+        """L2-normalised embeddings float32 (m, D) of the given rows (any order): only the
+        shards holding one of them are read."""
         rows = np.asarray(rows, dtype=np.int64)
         out = np.empty((len(rows), self.dim), dtype=np.float32)
-        for _, span, vectors in self.embeddings():
-            inside = (rows >= span.start) & (rows < span.stop)
-            if inside.any():
-                out[inside] = vectors[rows[inside] - span.start]
+        shard_of = np.searchsorted(self.offsets, rows, side="right") - 1
+        order = np.argsort(shard_of, kind="stable")
+        bounds = np.searchsorted(shard_of[order], np.arange(len(self.shard_uris) + 1))
+        for i in np.flatnonzero(np.diff(bounds)):
+            uri = self.shard_uris[i]
+            span = slice(int(self.offsets[i]), int(self.offsets[i + 1]))
+            ids, vectors = read_checked(uri, self.dim)
+            if not np.array_equal(ids, self.ids[span]):
+                raise RuntimeError(f"{uri} changed while it was read; run the stage again")
+            wanted = order[bounds[i] : bounds[i + 1]]
+            out[wanted] = normalize_rows(vectors[rows[wanted] - span.start])
         return out
 
 
@@ -149,31 +157,40 @@ def read_checked(uri: str, dim: int) -> tuple[np.ndarray, np.ndarray]:
     return ids, vectors
 
 
+_SAMPLE_READERS = 4  # shards read at once: reads wait on storage, decoding releases the GIL
+
+
 def sample_rows(
     shards: ShardSet, size: int, seed: int, *, with_ids: bool = False
 ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
-    """A seeded uniform sample of ``size`` rows, read shard by shard.
+    """A seeded uniform sample of ``size`` rows, read shard by shard (a few at once).
 
     Returns float32 (size, D) rows in shard order, or (image_id int64 (size,), rows) with
-    ``with_ids``. Only the chosen rows of each shard are kept, so memory is the sample's plus one
-    shard.
+    ``with_ids``. Only the chosen rows of each shard are kept, so memory is the sample's plus a
+    few shards; shards without a chosen row are not read.
     """
+    from concurrent.futures import ThreadPoolExecutor
+
     total = shards.total
     size = min(size, total)
     rng = np.random.default_rng(seed)
     chosen = np.sort(rng.choice(total, size=size, replace=False))
+    offsets = np.concatenate([[0], np.cumsum(shards.rows)]).astype(np.int64)
+    bounds = np.searchsorted(chosen, offsets)  # chosen[bounds[i]:bounds[i+1]] are shard i's
     out = np.empty((size, shards.dim), dtype=np.float32)
     out_ids = np.empty(size, dtype=np.int64)
-    filled = 0
-    offset = 0
-    for uri, n in zip(shards.uris, shards.rows, strict=True):
-        local = chosen[(chosen >= offset) & (chosen < offset + n)] - offset
-        if len(local):
-            ids, vectors = read_checked(uri, shards.dim)
-            out[filled : filled + len(local)] = vectors[local]
-            out_ids[filled : filled + len(local)] = ids[local]
-            filled += len(local)
-        offset += n
+
+    def fill(i: int) -> None:
+        ids, vectors = read_checked(shards.uris[i], shards.dim)
+        local = chosen[bounds[i] : bounds[i + 1]] - offsets[i]
+        out[bounds[i] : bounds[i + 1]] = vectors[local]
+        out_ids[bounds[i] : bounds[i + 1]] = ids[local]
+
+    wanted = np.flatnonzero(np.diff(bounds)).tolist()
+    with ThreadPoolExecutor(_SAMPLE_READERS) as pool:
+        # The pool's threads start without the caller's storage settings: each read carries them.
+        for _ in pool.map(storage.carry(fill), wanted):
+            pass
     return (out_ids, out) if with_ids else out
 
 

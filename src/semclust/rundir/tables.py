@@ -167,7 +167,10 @@ def index_file(run_dir: str, name: str) -> str:
     return storage.join(run_dir, INDEX, name)
 
 
-def read_index_ids(run_dir: str) -> tuple[np.ndarray, pa.Array]:
-    """(image ids int64 (n,), URIs string (n,)) of index rows 0..n-1 (``index/ids.parquet``)."""
+def read_index_ids(run_dir: str) -> tuple[np.ndarray, pa.ChunkedArray]:
+    """(image ids int64 (n,), URIs string (n,)) of index rows 0..n-1 (``index/ids.parquet``).
+
+    The URIs stay chunked (``take`` works across chunks): one string array of 10^7 URIs can
+    pass the 2 GiB a string array's offsets can address."""
     table = storage.read_parquet(index_file(run_dir, INDEX_IDS), ["image_id", "uri"])
-    return table.column("image_id").to_numpy(), table.column("uri").combine_chunks()
+    return table.column("image_id").to_numpy(), table.column("uri")

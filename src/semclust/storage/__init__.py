@@ -16,8 +16,10 @@ from semclust.storage.access import (
     redact,
 )
 from semclust.storage.files import (
+    cache_dir,
     exists,
     is_dir,
+    local_copy,
     makedirs,
     parquet_num_rows,
     read_bytes,
@@ -61,6 +63,7 @@ __all__ = [
     "REMOTE_SCHEMES",
     "activate",
     "bucket_reachable",
+    "cache_dir",
     "canonical_uri",
     "carry",
     "check_access",
@@ -74,6 +77,7 @@ __all__ = [
     "join",
     "list_files",
     "list_shards",
+    "local_copy",
     "makedirs",
     "options",
     "parquet_num_rows",

@@ -49,6 +49,54 @@ def read_bytes(uri: str) -> bytes:
         return f.read()
 
 
+def cache_dir() -> str:
+    """Where remote files are copied to be memory-mapped: ``SEMCLUST_CACHE_DIR``, else a
+    ``semclust-cache`` folder in the system's temporary folder."""
+    import tempfile
+
+    return os.environ.get("SEMCLUST_CACHE_DIR") or os.path.join(
+        tempfile.gettempdir(), "semclust-cache"
+    )
+
+
+@_retrying("download")
+def local_copy(uri: str, chunk: int = 64 << 20) -> str:
+    """A local path holding the bytes of ``uri``, for a file that is memory-mapped rather than
+    read (an index, its re-rank vectors): a local ``uri``'s own path; a remote one's copy in
+    ``cache_dir()``, downloaded in chunks (never whole in memory) once per version of the
+    object (its name, size and modification time), so later searches map it at once."""
+    import hashlib
+    import tempfile
+
+    fs, path = resolve(uri)
+    if isinstance(fs, pafs.LocalFileSystem):
+        return path
+    info = fs.get_file_info(path)
+    if info.type != pafs.FileType.File:
+        raise FileNotFoundError(f"{uri}: no such object")
+    name = hashlib.blake2b(uri.encode(), digest_size=8).hexdigest()
+    version = hashlib.blake2b(f"{info.size}\n{info.mtime_ns}".encode(), digest_size=6).hexdigest()
+    folder = cache_dir()
+    target = os.path.join(folder, f"{name}-{version}-{posixpath.basename(path)}")
+    if os.path.exists(target) and os.path.getsize(target) == info.size:
+        return target
+    os.makedirs(folder, exist_ok=True)
+    for old in os.listdir(folder):  # earlier versions of this object: rewritten since
+        if old.startswith(f"{name}-") and not old.endswith(".part"):
+            with contextlib.suppress(OSError):
+                os.remove(os.path.join(folder, old))  # a process mapping it keeps its pages
+    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as dst, fs.open_input_stream(path) as src:
+            while block := src.read(chunk):
+                dst.write(block)
+        os.replace(tmp, target)  # whole or not at all: a second process may race us here
+    finally:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+    return target
+
+
 def _tmp_name(path: str) -> str:
     head, tail = posixpath.split(path)
     return posixpath.join(head, f".tmp-{uuid.uuid4().hex[:12]}-{tail}")
