@@ -274,6 +274,9 @@ def faiss_kmeans_baseline(run_dir: Path, k: int, seed: int) -> dict[str, Any]:
     for s in range(0, len(x), 65_536):
         d, i = km.index.search(x[s : s + 65_536], 1)
         dist[s : s + len(d)], labels[s : s + len(d)] = d[:, 0], i[:, 0]
+    # Spherical: km.index is an inner-product index; unit rows and centroids, so the squared L2
+    # distance semclust reports is 2 - 2 cos.
+    dist = 2.0 - 2.0 * dist
     table = pa.table({"image_id": ids, "cluster": labels, "distance": dist})
     pq.write_table(table, run_dir / "faiss-kmeans-labels.parquet")
     seconds = time.perf_counter() - start
