@@ -153,7 +153,7 @@ def test_stages_and_search_on_object_storage(ray_local, s3_bucket, tmp_path, mon
     """cluster, graph and index read and write an s3:// run directory; search loads from it."""
     from semclust import storage
 
-    monkeypatch.setenv("SEMCLUST_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("SEMCLUST_CACHE", str(tmp_path / "cache"))
     run_dir = f"s3://{s3_bucket}/run"
     x, _, _ = planted(3_000, 5, 16, noise=0.3, seed=8)
     ids = write_run(run_dir, x, rows_per_part=1_000)
@@ -179,7 +179,7 @@ def test_stages_and_search_on_object_storage(ray_local, s3_bucket, tmp_path, mon
     assert isinstance(index.rerank_vectors, np.memmap)
     assert str(index.rerank_vectors.filename).startswith(str(tmp_path / "cache"))
     assert index.rerank_vectors.shape == (3_000, 16)
-    copies = sorted(p.name for p in (tmp_path / "cache").iterdir())
+    copies = sorted(p.name for p in (tmp_path / "cache" / "files").iterdir())
     assert [c.rsplit("-", 1)[-1] for c in copies] == ["index.faiss", "vectors.f16.npy"], copies
     hits = index.search_ids([int(ids[42])], 3)[0]
     assert hits[0].image_id == int(ids[42]) and abs(hits[0].similarity - 1.0) < 2e-3

@@ -172,7 +172,7 @@ def test_local_copy_downloads_once_per_version_and_drops_older_ones(
     rewritten; a missing object is a FileNotFoundError, not an empty copy."""
     import time
 
-    monkeypatch.setenv("SEMCLUST_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("SEMCLUST_CACHE", str(tmp_path / "cache"))
     uri = f"s3://{s3_bucket}/run/index/vectors.f16.npy"
     storage.write_bytes(uri, b"0123456789")
     first = storage.local_copy(uri, chunk=3)
@@ -184,7 +184,7 @@ def test_local_copy_downloads_once_per_version_and_drops_older_ones(
     storage.write_bytes(uri, b"abcdefghijklmnop")
     second = storage.local_copy(uri)
     assert second != first and Path(second).read_bytes() == b"abcdefghijklmnop"
-    assert sorted(os.listdir(tmp_path / "cache")) == [os.path.basename(second)]
+    assert sorted(os.listdir(tmp_path / "cache" / "files")) == [os.path.basename(second)]
     with pytest.raises(FileNotFoundError, match="no such object"):
         storage.local_copy(f"s3://{s3_bucket}/run/index/absent.npy")
     local = tmp_path / "here.bin"

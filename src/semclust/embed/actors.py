@@ -80,13 +80,15 @@ class EmbedderSpec:
         )
 
 
+_FIRST_PROBE_SECONDS = 2.0  # a down store is asked again after this, doubling each time
+_MAX_PROBE_SECONDS = 30.0
+
+
 @dataclass
 class _StoreDown:
     error: str  # the read error that tripped it
     probe_at: float  # time.monotonic() of the next question whether it is back
-    interval: float = (
-        2.0  # seconds; doubles after each unanswered question, up to _MAX_PROBE_SECONDS
-    )
+    interval: float = _FIRST_PROBE_SECONDS
 
 
 # Stores (``s3://bucket``) whose reads in this process ran out of ``storage.retry_seconds``
@@ -94,7 +96,6 @@ class _StoreDown:
 # deferred at once instead of each riding out the whole budget again: a store away for an
 # hour leaves the run in seconds, not after a budget per image.
 _STORES_DOWN: dict[str, _StoreDown] = {}
-_MAX_PROBE_SECONDS = 30.0
 
 
 def _still_down(store: str, uri: str) -> _StoreDown | None:
@@ -139,7 +140,7 @@ def read_one(item: tuple[str, int, int]) -> tuple[bytes | None, str, bool]:
         transient = is_transient(exc) or denied_all
         error = f"read failed: {type(exc).__name__}: {storage.redact(str(exc))}"
         if transient and store is not None and not storage.bucket_reachable(uri, max_age=0):
-            _STORES_DOWN[store] = _StoreDown(error[:500], time.monotonic() + _StoreDown.interval)
+            _STORES_DOWN[store] = _StoreDown(error[:500], time.monotonic() + _FIRST_PROBE_SECONDS)
         return None, error, transient
 
 

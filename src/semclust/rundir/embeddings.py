@@ -121,9 +121,8 @@ class RunRows:
         shards holding one of them are read."""
         rows = np.asarray(rows, dtype=np.int64)
         out = np.empty((len(rows), self.dim), dtype=np.float32)
-        shard_of = np.searchsorted(self.offsets, rows, side="right") - 1
-        order = np.argsort(shard_of, kind="stable")
-        bounds = np.searchsorted(shard_of[order], np.arange(len(self.shard_uris) + 1))
+        order = np.argsort(rows, kind="stable")
+        bounds = np.searchsorted(rows[order], self.offsets)  # order[bounds[i]:bounds[i+1]]: shard i
         for i in np.flatnonzero(np.diff(bounds)):
             uri = self.shard_uris[i]
             span = slice(int(self.offsets[i]), int(self.offsets[i + 1]))

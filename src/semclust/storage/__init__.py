@@ -16,7 +16,7 @@ from semclust.storage.access import (
     redact,
 )
 from semclust.storage.files import (
-    cache_dir,
+    cache_root,
     exists,
     is_dir,
     local_copy,
@@ -63,7 +63,7 @@ __all__ = [
     "REMOTE_SCHEMES",
     "activate",
     "bucket_reachable",
-    "cache_dir",
+    "cache_root",
     "canonical_uri",
     "carry",
     "check_access",

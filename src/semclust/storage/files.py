@@ -49,13 +49,12 @@ def read_bytes(uri: str) -> bytes:
         return f.read()
 
 
-def cache_dir() -> str:
-    """Where remote files are copied to be memory-mapped: ``SEMCLUST_CACHE_DIR``, else a
-    ``semclust-cache`` folder in the system's temporary folder."""
-    import tempfile
-
-    return os.environ.get("SEMCLUST_CACHE_DIR") or os.path.join(
-        tempfile.gettempdir(), "semclust-cache"
+def cache_root() -> str:
+    """semclust's local cache on this node: ``SEMCLUST_CACHE``, else ``~/.cache/semclust`` (or
+    under ``XDG_CACHE_HOME``); weights fetched from object storage live in ``weights/``, the
+    copies ``local_copy`` makes in ``files/``."""
+    return os.environ.get("SEMCLUST_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "semclust"
     )
 
 
@@ -63,7 +62,7 @@ def cache_dir() -> str:
 def local_copy(uri: str, chunk: int = 64 << 20) -> str:
     """A local path holding the bytes of ``uri``, for a file that is memory-mapped rather than
     read (an index, its re-rank vectors): a local ``uri``'s own path; a remote one's copy in
-    ``cache_dir()``, downloaded in chunks (never whole in memory) once per version of the
+    ``cache_root()/files``, downloaded in chunks (never whole in memory) once per version of the
     object (its name, size and modification time), so later searches map it at once."""
     import hashlib
     import tempfile
@@ -76,7 +75,7 @@ def local_copy(uri: str, chunk: int = 64 << 20) -> str:
         raise FileNotFoundError(f"{uri}: no such object")
     name = hashlib.blake2b(uri.encode(), digest_size=8).hexdigest()
     version = hashlib.blake2b(f"{info.size}\n{info.mtime_ns}".encode(), digest_size=6).hexdigest()
-    folder = cache_dir()
+    folder = os.path.join(cache_root(), "files")
     target = os.path.join(folder, f"{name}-{version}-{posixpath.basename(path)}")
     if os.path.exists(target) and os.path.getsize(target) == info.size:
         return target

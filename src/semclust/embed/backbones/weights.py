@@ -18,10 +18,7 @@ log = logging.getLogger(__name__)
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("SEMCLUST_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "semclust"
-    )
-    return Path(root) / "weights"
+    return Path(storage.cache_root()) / "weights"
 
 
 def _sha256(path: Path) -> str:
