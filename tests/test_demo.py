@@ -32,3 +32,4 @@ def test_demo_reaches_an_nmi_random_weights_cannot(ray_local, tmp_path):
     assert summary["stages"]["embed"]["failed"] == 3
     assert all("/coffee/" in h["uri"] for h in summary["hits"][:3]), summary["hits"]
     assert sum(summary["cluster_sizes"].values()) == 120
+    assert summary["serve_command"] == f"semclust serve --run-dir {tmp_path / 'demo' / 'run'}"

@@ -5,10 +5,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from semclust import quiet as _quiet
+
 if TYPE_CHECKING:
     from semclust.config import RunConfig
 
 __version__ = "0.1.0"
+
+# TensorFlow's start-up notes off the terminal in every semclust process, Ray workers included.
+_quiet.install()
 
 
 def run(

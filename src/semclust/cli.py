@@ -114,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_tool_parsers(sub: Any) -> None:
-    """The commands that are not stages: compare, search, unlock, demo."""
+    """The commands that are not stages: compare, search, serve, unlock, demo."""
     from semclust.compare import add_compare_arguments
 
     p = sub.add_parser("compare", help="several runs' metrics side by side")
@@ -143,6 +143,10 @@ def _add_tool_parsers(sub: Any) -> None:
     p.add_argument("--device", default="auto", help="auto | cpu | gpu (default auto)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+    from semclust.serve.command import add_serve_parser
+
+    add_serve_parser(sub)
 
     p = sub.add_parser(
         "unlock", help="remove a run directory's lock (only when the run holding it is gone)"
@@ -239,6 +243,7 @@ def _print_demo(summary: dict[str, Any]) -> None:
     for h in summary["hits"]:
         print(f"  {h['rank']:>2}  {h['similarity']:.4f}  {h['uri']}")
     print(f"report: {summary['stages']['report']['uri']}")
+    print(f"search and browse it in a browser: {summary['serve_command']}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -361,6 +366,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         queries = images + [f"image_id:{i}" for i in args.image_id]
         _print_hits(queries, results, args.json)
         return 0
+    if args.command == "serve":
+        from semclust.serve.command import run_serve_command
+
+        return run_serve_command(args, _parse_set(args.set))
     if args.command == "compare":
         from semclust.compare import run_compare_command
 

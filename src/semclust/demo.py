@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -151,6 +152,7 @@ def run_demo(
         "cluster_sizes": sizes,
         "query": str(query),
         "hits": [{"rank": h.rank, "uri": h.uri, "similarity": h.similarity} for h in hits],
+        "serve_command": f"semclust serve --run-dir {shlex.quote(str(out / 'run'))}",
     }
 
 
