@@ -48,16 +48,20 @@ LARGE_DIM = 256
 UPLOAD_MAX_N = 100_000
 
 
-def write_run(run_dir: Path, n: int, seed: int) -> int:
-    """A seeded synthetic run of N rows, indexed by `semclust index`; returns the dimension."""
+def write_run(run_dir: Path, n: int, seed: int, reuse: bool) -> int:
+    """A seeded synthetic run of N rows, indexed by `semclust index`; returns the dimension
+    (``reuse``: keep a complete run of N rows written by an earlier call)."""
     from tests.clustering.synthetic import EMBEDDER
     from tests.clustering.synthetic import write_run as write_rows
 
     from semclust import runinfo
 
+    dim = UPLOAD_DIM if n <= UPLOAD_MAX_N else LARGE_DIM
+    meta = run_dir / "index" / "meta.json"
+    if reuse and meta.is_file() and json.loads(meta.read_text())["count"] == n:
+        return dim
     if run_dir.exists():
         shutil.rmtree(run_dir)
-    dim = UPLOAD_DIM if n <= UPLOAD_MAX_N else LARGE_DIM
     chunk = 500_000
     for c, s in enumerate(range(0, n, chunk)):
         x = synthetic(min(chunk, n - s), dim, seed * 1_000 + c)
@@ -145,13 +149,15 @@ def command_line(run_dir: Path, args: list[str], repeats: int) -> dict[str, Any]
     return {"seconds": [round(t, 2) for t in times], "median_s": round(statistics.median(times), 2)}
 
 
-def bench_size(n: int, work: Path, requests: int, repeats: int, seed: int) -> dict[str, Any]:
+def bench_size(
+    n: int, work: Path, requests: int, repeats: int, seed: int, reuse: bool
+) -> dict[str, Any]:
     from tests.serve.server import Server
 
     from semclust.demo import make_query_image
 
     run_dir = work / f"run-{n}"
-    dim = write_run(run_dir, n, seed)
+    dim = write_run(run_dir, n, seed, reuse)
     ids = json.loads((run_dir / "index" / "meta.json").read_text())
     rng = np.random.default_rng(seed)
     import pyarrow.parquet as pq
@@ -197,11 +203,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, default=Path("/tmp/serve-latency"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path)
+    parser.add_argument(
+        "--reuse", action="store_true", help="keep run directories of the same N from --work"
+    )
     args = parser.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
     results = []
     for n in args.sizes:
-        result = bench_size(n, args.work, args.requests, args.repeats, args.seed)
+        result = bench_size(n, args.work, args.requests, args.repeats, args.seed, args.reuse)
         print(json.dumps(result), flush=True)
         results.append(result)
     summary = {

@@ -16,6 +16,7 @@ import numpy as np
 
 from semclust import storage
 from semclust.embed.decode import ImageDecodeError, decode_image
+from semclust.serve.batching import SearchBatcher
 from semclust.serve.catalog import BadQuery, Forbidden, NotFound, RunCatalog
 from semclust.storage.uris import image_id_for
 
@@ -32,6 +33,7 @@ class QueryEngine:
         self._embed_lock = threading.Lock()
         self._filter_vectors: dict[tuple[int | None, int | None], tuple[np.ndarray, Any]] = {}
         self._embedder: Any = None
+        self.batcher = SearchBatcher(self._index_search)
 
     # --- search --------------------------------------------------------------------------------
 
@@ -121,8 +123,7 @@ class QueryEngine:
         if not np.isfinite(vectors).all():
             raise BadQuery("a query vector holds NaN or infinity")
         if cluster is None and label is None:
-            with self._search_lock:
-                hits = self.catalog.index.search_vectors(vectors, k)
+            hits = self.batcher.search(vectors, k)
             rows = [self.catalog.rows_of(np.array([h.image_id for h in q])) for q in hits]
             sims = [[h.similarity for h in q] for q in hits]
         else:
@@ -137,6 +138,10 @@ class QueryEngine:
                 ]
             )
         return out
+
+    def _index_search(self, vectors: np.ndarray, k: int) -> list[list[Any]]:
+        with self._search_lock:
+            return self.catalog.index.search_vectors(vectors, k)
 
     def filter_mask(self, cluster: int | None, label: str | None) -> np.ndarray:
         mask = np.ones(self.catalog.n, dtype=bool)
