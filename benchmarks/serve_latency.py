@@ -158,14 +158,14 @@ def bench_size(
 
     run_dir = work / f"run-{n}"
     dim = write_run(run_dir, n, seed, reuse)
-    ids = json.loads((run_dir / "index" / "meta.json").read_text())
+    meta = json.loads((run_dir / "index" / "meta.json").read_text())
     rng = np.random.default_rng(seed)
     import pyarrow.parquet as pq
 
     all_ids = pq.read_table(run_dir / "index" / "ids.parquet", columns=["image_id"])
     query_ids = rng.choice(all_ids.column(0).to_numpy(), size=requests, replace=True).tolist()
     jpeg = make_query_image(work / "query.jpg", "coffee").read_bytes()
-    out: dict[str, Any] = {"n": n, "dim": dim, "index": ids["spec"]["factory"]}
+    out: dict[str, Any] = {"n": n, "dim": dim, "index": meta["spec"]["factory"]}
     logs = work / f"logs-{n}"
     logs.mkdir(exist_ok=True)
     with Server(run_dir, logs, timeout=600) as server:

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pyarrow.parquet as pq
 import pytest
 import yaml
@@ -56,13 +58,34 @@ def test_names_given_in_the_service_label_the_run(run_copy, tmp_path, capsys):
         assert c2["label"] == "cat" and c2["label_share"] == 1.0
 
 
-def test_serving_a_run_directory_in_s3(serve_run, s3_server, s3_bucket, tmp_path):
+def test_serving_a_run_directory_and_its_images_in_s3(
+    serve_run, demo_images, s3_server, s3_bucket, tmp_path
+):
+    """The run directory and the images both in S3: the images' URIs of the local run are
+    moved to s3:// (ids unchanged), so every image the service shows is read from the bucket."""
+    import io
+
+    import pyarrow as pa
+
     client = s3_server.client()
+    local_root, s3_root = f"file://{demo_images}/", f"s3://{s3_bucket}/images/"
+    for path in sorted(p for p in demo_images.rglob("*") if p.is_file()):
+        key = f"images/{path.relative_to(demo_images)}"
+        client.put_object(Bucket=s3_bucket, Key=key, Body=path.read_bytes())
     for path in sorted(p for p in serve_run.rglob("*") if p.is_file()):
         if path.name == "run.lock":
             continue
+        body = path.read_bytes()
+        if path == serve_run / "index" / "ids.parquet":
+            table = pq.read_table(path)
+            moved = [u.replace(local_root, s3_root, 1) for u in table.column("uri").to_pylist()]
+            column = table.schema.get_field_index("uri")
+            table = table.set_column(column, "uri", pa.array(moved, table.schema.field("uri").type))
+            buf = io.BytesIO()
+            pq.write_table(table, buf)
+            body = buf.getvalue()
         key = f"run/{path.relative_to(serve_run)}"
-        client.put_object(Bucket=s3_bucket, Key=key, Body=path.read_bytes())
+        client.put_object(Bucket=s3_bucket, Key=key, Body=body)
     local_logs = tmp_path / "local"
     remote_logs = tmp_path / "s3"
     local_logs.mkdir()
@@ -73,11 +96,20 @@ def test_serving_a_run_directory_in_s3(serve_run, s3_server, s3_bucket, tmp_path
         ids = [m["image_id"] for m in local.get("/clusters/0?limit=3").json()["members"]]
         for image_id in ids:
             query = {"image_id": image_id, "k": 5}
-            assert s3.post_json("/search", query).json() == local.post_json("/search", query).json()
+            expected = local.post_json("/search", query).body.decode().replace(local_root, s3_root)
+            assert s3.post_json("/search", query).json() == json.loads(expected)
+            original = s3.get(f"/images/{image_id}")
+            assert original.status == 200 and original.body == local.get(f"/images/{image_id}").body
             assert (
                 s3.get(f"/images/{image_id}?size=32").body
                 == local.get(f"/images/{image_id}?size=32").body
             )
+        # An image gone from the bucket is a 404 with its URI, not a crash.
+        gone = next(u for u in moved if u.endswith(".png"))
+        client.delete_object(Bucket=s3_bucket, Key=gone.removeprefix(f"s3://{s3_bucket}/"))
+        gone_id = table.column("image_id")[moved.index(gone)].as_py()
+        missing = s3.get(f"/images/{gone_id}?size=48")
+        assert missing.status == 404 and gone in missing.json()["error"]
         assert s3.get("/clusters").json() == local.get("/clusters").json()
         assert s3.post_json("/clusters/1/name", {"name": "in s3"}, method="PUT").status == 200
     stored = client.get_object(Bucket=s3_bucket, Key="run/names.yaml")["Body"].read()
