@@ -59,3 +59,18 @@ def s3_bucket(s3_server, request) -> str:
     name = f"t-{name}"
     s3_server.client().create_bucket(Bucket=name)
     return name
+
+
+@pytest.fixture
+def browser(tmp_path):
+    """A headless Chromium with one page (tests.report.cdp), closed after the test."""
+    from tests.report.cdp import Browser, find_chromium
+
+    executable = find_chromium()
+    if executable is None:
+        pytest.skip("chromium is not installed (apt-get install chromium; .ci/run installs it)")
+    profile = tmp_path / "profile"
+    profile.mkdir()
+    b = Browser(executable, profile)
+    yield b
+    b.close()

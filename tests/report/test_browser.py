@@ -12,23 +12,9 @@ import pytest
 from PIL import Image
 
 from semclust.report.build import _write_pages
-from tests.report.cdp import Browser, find_chromium
 from tests.report.helpers import EVIL_FAILURE, N_CLASSES, repo_root, synthetic_view
 
 pytestmark = pytest.mark.slow
-
-CHROMIUM = find_chromium()
-
-
-@pytest.fixture
-def browser(tmp_path):
-    if CHROMIUM is None:
-        pytest.skip("chromium is not installed (apt-get install chromium; .ci/run installs it)")
-    profile = tmp_path / "profile"
-    profile.mkdir()
-    b = Browser(CHROMIUM, profile)
-    yield b
-    b.close()
 
 
 def test_report_renders_in_chromium(built_report, browser):

@@ -9,29 +9,16 @@ import json
 import pytest
 
 from semclust.demo import make_query_image
-from tests.report.cdp import Browser, find_chromium
 from tests.report.helpers import repo_root
 from tests.serve.conftest import KNN_K
 from tests.serve.server import Server
 
 pytestmark = pytest.mark.slow
 
-CHROMIUM = find_chromium()
 BROKEN_IMAGES = (
     "Array.from(document.images).filter(i => !i.hidden && i.complete && i.naturalWidth === 0)"
     ".map(i => i.src)"
 )
-
-
-@pytest.fixture
-def browser(tmp_path):
-    if CHROMIUM is None:
-        pytest.skip("chromium is not installed (apt-get install chromium; .ci/run installs it)")
-    profile = tmp_path / "profile"
-    profile.mkdir()
-    b = Browser(CHROMIUM, profile)
-    yield b
-    b.close()
 
 
 def _images_loaded(selector: str) -> str:
