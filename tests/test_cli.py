@@ -33,7 +33,8 @@ def test_help_lists_every_stage():
         (["embed", "{tmp}/empty", "--run-dir", "{tmp}/r"], "no images found under"),
         (
             ["embed", "{tmp}/empty", "--run-dir", "{tmp}/r", "--backbone", "vgg16"],
-            "embed.backbone='vgg16' is not allowed; choose one of efficientnet_lite0, resnet50",
+            "embed.backbone='vgg16' is not allowed; choose one of efficientnet_lite0, "
+            "efficientnet_lite1, efficientnet_lite2, resnet50",
         ),
         (["embed", "{tmp}/empty"], "no run directory given"),
         (["cluster", "--run-dir", "{tmp}/r"], "no embeddings under"),

@@ -25,6 +25,8 @@ from types import ModuleType
 BACKBONES: dict[str, str] = {
     "resnet50": "semclust.embed.backbones.resnet50",
     "efficientnet_lite0": "semclust.embed.backbones.efficientnet_lite0",
+    "efficientnet_lite1": "semclust.embed.backbones.efficientnet_lite1",
+    "efficientnet_lite2": "semclust.embed.backbones.efficientnet_lite2",
 }
 
 INPUT_KINDS: dict[str, str] = {

@@ -30,7 +30,10 @@ def test_yaml_then_overrides(tmp_path):
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        ({"embed.backbone": "vgg"}, "efficientnet_lite0, resnet50"),
+        (
+            {"embed.backbone": "vgg"},
+            "efficientnet_lite0, efficientnet_lite1, efficientnet_lite2, resnet50",
+        ),
         ({"embed.device": "tpu"}, "auto, cpu, gpu"),
         ({"embed.resize": "stretch"}, "center_crop, squash, pad"),
         ({"mode": "append"}, "resume, overwrite"),

