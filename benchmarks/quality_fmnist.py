@@ -1,14 +1,15 @@
 """Cluster quality on Fashion-MNIST (70,000 images, 10 classes), through the whole pipeline.
 
 The images are written as PNG objects to a SeaweedFS S3 server on 127.0.0.1, embedded from
-there with ``efficientnet_lite0`` into a run directory on the same server, clustered with k=10
-(k-means), given a k=20 kNN graph and an index, refined with the SCAN and DEC heads, labelled
-from 1% of the true labels (seed-label mode), and scored against the true classes. Each stage's
-wall time is reported. Re-running with the same ``--data-dir`` resumes: the upload and committed
-embedding shards are kept.
+there with ``efficientnet_lite0`` (or ``--backbone``) into a run directory on the same server,
+clustered with k=10 (k-means), given a k=20 kNN graph and an index, refined with the SCAN and
+DEC heads, labelled from 1% of the true labels (seed-label mode), and scored against the true
+classes. Each stage's wall time is reported. Re-running with the same ``--data-dir`` resumes:
+the upload and committed embedding shards are kept.
 
     python benchmarks/quality_fmnist.py --data-dir /tmp/semclust-fmnist            # all 70k
     python benchmarks/quality_fmnist.py --data-dir /tmp/fm-small --limit 5000      # a subset
+    python benchmarks/quality_fmnist.py --backbone efficientnet_lite2              # run "lite2"
 
 With ``--run-dir`` an existing run directory (e.g. a local copy of the run above) is used and no
 server is started; only the later phases run (refine, evaluate, label by default; the class of an
@@ -44,7 +45,13 @@ def main() -> None:
     p.add_argument("--data-dir", default="/tmp/semclust-fmnist", help="S3 server data folder")
     p.add_argument("--bucket", default="fmnist")
     p.add_argument("--limit", type=int, default=None, help="first N images only")
-    p.add_argument("--run-name", default="lite0")
+    p.add_argument(
+        "--backbone",
+        default="efficientnet_lite0",
+        help="efficientnet_lite0 (default), efficientnet_lite1 or efficientnet_lite2 (packaged "
+        "weights); use --run-name to keep each backbone's run",
+    )
+    p.add_argument("--run-name", default=None, help="default: the backbone's short name")
     p.add_argument("--run-dir", help="an existing run directory: no server, later phases only")
     p.add_argument("--num-cpus", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=64)
@@ -66,7 +73,12 @@ def main() -> None:
     args = p.parse_args()
 
     phases = _phases(args)
-    figures: dict = {"date": time.strftime("%Y-%m-%d"), "limit": args.limit, "phases": phases}
+    figures: dict = {
+        "date": time.strftime("%Y-%m-%d"),
+        "backbone": args.backbone,
+        "limit": args.limit,
+        "phases": phases,
+    }
     server = None
     try:
         if args.run_dir:
@@ -78,7 +90,8 @@ def main() -> None:
             figures["upload_seconds"] = round(time.perf_counter() - start, 1)
             if args.stop_after == "upload":
                 return
-            run_dir = f"s3://{args.bucket}/runs/{args.run_name}"
+            run_name = args.run_name or args.backbone.removeprefix("efficientnet_")
+            run_dir = f"s3://{args.bucket}/runs/{run_name}"
             _pipeline(args, run_dir, phases, figures)
         figures["run_dir"] = run_dir
         _later(args, run_dir, phases, figures)
@@ -115,7 +128,7 @@ def _pipeline(args: argparse.Namespace, run_dir: str, phases: list[str], figures
             "run_dir": run_dir,
             "ray.num_cpus": args.num_cpus,
             "embed.input": f"s3://{args.bucket}/fmnist/",
-            "embed.backbone": "efficientnet_lite0",
+            "embed.backbone": args.backbone,
             "embed.weights": "default",
             "embed.batch_size": args.batch_size,
             "embed.rows_per_part": 5000,
