@@ -114,11 +114,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_tool_parsers(sub: Any) -> None:
-    """The commands that are not stages: compare, search, serve, unlock, demo."""
+    """The commands that are not stages: compare, select-backbone, search, serve, unlock, demo."""
     from semclust.compare import add_compare_arguments
 
     p = sub.add_parser("compare", help="several runs' metrics side by side")
     add_compare_arguments(p)
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+    from semclust.select_backbone import add_select_backbone_arguments
+
+    p = sub.add_parser(
+        "select-backbone", help="embed a sample with each backbone and rank them by score"
+    )
+    add_select_backbone_arguments(p)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
     p = sub.add_parser("search", help="nearest images to query images, from a run's index")
@@ -374,6 +382,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         from semclust.compare import run_compare_command
 
         return run_compare_command(args)
+    if args.command == "select-backbone":
+        from semclust.select_backbone import run_select_backbone_command
+
+        return run_select_backbone_command(args, _parse_set(args.set))
     if args.command == "unlock":
         from semclust.lock import break_lock
 

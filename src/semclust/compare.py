@@ -14,6 +14,7 @@ import argparse
 import hashlib
 import json
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -155,9 +156,10 @@ def _short_names(run_dirs: list[str]) -> list[str]:
     return ["/".join(r.rstrip("/").rsplit("/", 2)[-2:]) for r in run_dirs]
 
 
-def format_table(rows: list[dict[str, Any]]) -> str:
-    """A Markdown table of the rows; empty columns (no run has them) are left out."""
-    cols = [(key, head) for key, head in COLUMNS if any(r.get(key) is not None for r in rows)]
+def format_table(rows: list[dict[str, Any]], columns: Sequence[tuple[str, str]] = COLUMNS) -> str:
+    """A Markdown table of the rows, ``columns`` as (key, header); empty columns (no row has
+    them) are left out."""
+    cols = [(key, head) for key, head in columns if any(r.get(key) is not None for r in rows)]
 
     def cell(value: Any) -> str:
         if value is None:
