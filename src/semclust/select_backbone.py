@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -28,6 +28,7 @@ import pyarrow as pa
 from semclust import registry, storage
 from semclust.compare import format_table, run_rows
 from semclust.errors import UserError
+from semclust.rundir import layout
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ def write_sample(input_uri: str, out_dir: str, size: int, seed: int) -> int:
     ``out_dir/sample.parquet``; the number drawn. A second call with the same settings reuses the
     sample; other settings over the same ``out_dir`` stop with a message (the runs under it were
     embedded from the first sample)."""
-    from semclust.embed.sources import list_inputs
+    from semclust.embed.sources import InputStream
 
     wanted = {"input": input_uri, "size": size, "seed": seed}
     info_uri = storage.join(out_dir, SAMPLE_INFO)
@@ -56,17 +57,33 @@ def write_sample(input_uri: str, out_dir: str, size: int, seed: int) -> int:
                 f"seed {info.get('seed')}); use another --out for {input_uri!r} with these settings"
             )
         return int(info["drawn"])
-    uris = list_inputs(input_uri).uris
-    if not uris:
+    stream = InputStream(input_uri)
+    uris, keys = _draw(stream.pages(), size, seed)
+    if stream.listed == 0:
         raise UserError(f"no images found under {input_uri!r}")
-    rng = np.random.default_rng(seed)
-    picked = np.sort(rng.choice(len(uris), size=min(size, len(uris)), replace=False))
     storage.write_parquet(
-        storage.join(out_dir, SAMPLE_FILE),
-        pa.table({"uri": pa.array([uris[i] for i in picked], pa.string())}),
+        storage.join(out_dir, SAMPLE_FILE), pa.table({"uri": uris.take(np.argsort(keys))})
     )
-    storage.write_json(info_uri, {**wanted, "listed": len(uris), "drawn": len(picked)})
-    return len(picked)
+    storage.write_json(info_uri, {**wanted, "listed": stream.listed, "drawn": len(uris)})
+    return len(uris)
+
+
+def _draw(pages: Iterable[pa.Table], size: int, seed: int) -> tuple[pa.Array, np.ndarray]:
+    """The ``size`` images with the smallest seeded keys of their ids, over a streamed listing:
+    memory bounded by the sample (a listing of millions is never held), and the same sample
+    whatever order the store lists in. The key is a bijection of the id (XOR, then an odd
+    multiplier mod 2^64), so distinct images never tie."""
+    mix = np.uint64((seed * 0xD1B54A32D192ED03 + 1) % 2**64)
+    kept_uris, kept_keys = pa.array([], pa.string()), np.array([], np.uint64)
+    for page in pages:
+        ids = page.column("image_id").to_numpy().astype(np.uint64)
+        keys = np.concatenate([kept_keys, (ids ^ mix) * np.uint64(0x9E3779B97F4A7C15)])
+        uris = pa.concat_arrays([kept_uris, page.column("uri").combine_chunks().cast(pa.string())])
+        if len(keys) > size:
+            best = np.argpartition(keys, size - 1)[:size]
+            keys, uris = keys[best], uris.take(pa.array(best))
+        kept_uris, kept_keys = uris, keys
+    return kept_uris, kept_keys
 
 
 def rank_backbones(rows: list[dict[str, Any]], with_truth: bool) -> list[dict[str, Any]]:
@@ -150,7 +167,7 @@ def select_backbone(
         log.info("select-backbone: %s on %d images", name, drawn)
         run_stages(cfg, ["embed", "cluster", "evaluate"], command="semclust select-backbone")
         with storage.using(storage_settings):
-            metrics = storage.read_json(storage.join(run_dir, "metrics.json"))
+            metrics = storage.read_json(storage.join(run_dir, layout.METRICS))
             kmeans = [r for r in run_rows(run_dir, metrics, name) if r["clustering"] == "kmeans"]
         for r in kmeans:
             r["dim"] = get_backbone(name).dim
