@@ -52,16 +52,23 @@ CENTRES = 1_000
 
 def synthetic(n: int, dim: int, seed: int) -> np.ndarray:
     """float32 (n, dim) unit rows around CENTRES random unit centres (offset norm about 0.8)."""
+    return synthetic_labelled(n, dim, seed)[0]
+
+
+def synthetic_labelled(n: int, dim: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``synthetic``'s rows and the index of each row's planted centre, int32 (n,)."""
     rng = np.random.default_rng(seed)
     centres = rng.standard_normal((CENTRES, dim), dtype=np.float32)
     centres /= np.linalg.norm(centres, axis=1, keepdims=True)
     out = np.empty((n, dim), dtype=np.float32)
+    labels = np.empty(n, dtype=np.int32)
     for s in range(0, n, 100_000):  # blocks keep the float temporaries small
         m = min(100_000, n - s)
-        block = centres[rng.integers(0, CENTRES, m)]
+        labels[s : s + m] = rng.integers(0, CENTRES, m)
+        block = centres[labels[s : s + m]]
         block += rng.standard_normal((m, dim), dtype=np.float32) * np.float32(0.8 / math.sqrt(dim))
         out[s : s + m] = block / np.linalg.norm(block, axis=1, keepdims=True)
-    return out
+    return out, labels
 
 
 THREADS = os.cpu_count() or 1  # set from --threads in run()

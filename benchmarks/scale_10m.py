@@ -49,22 +49,28 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path[:0] = [str(ROOT), str(HERE)]
 
-from faiss_scale import synthetic  # noqa: E402
+from faiss_scale import synthetic_labelled  # noqa: E402
 
 DIM = 256
 K = 10
 SHARD_ROWS = 50_000
 RECALL_ROWS = 1_000
+SEED_SHARE = 0.01  # the label stage's seed labels: 1% of the rows, as quality_fmnist
+TRUTH_SCHEMA = pa.schema([("uri", pa.string()), ("label", pa.string())])
 
 
 def write_run_dir(run_dir: Path, n: int, seed: int) -> None:
     """A run directory of N synthetic rows in shards (written chunk by chunk, never all in
-    memory at once above a few GB)."""
+    memory at once above a few GB), and beside it the planted truth: ``truth.parquet`` (uri,
+    label: every row's centre) and ``seeds.parquet`` (a seeded SEED_SHARE of it, the label
+    stage's seed labels)."""
+    import pyarrow.parquet as pq
     from tests.clustering.synthetic import EMBEDDER, write_run
 
     from semclust import runinfo
@@ -72,31 +78,70 @@ def write_run_dir(run_dir: Path, n: int, seed: int) -> None:
     if run_dir.exists():
         shutil.rmtree(run_dir)
     chunk = 1_000_000
-    for c, s in enumerate(range(0, n, chunk)):
-        x = synthetic(min(chunk, n - s), DIM, seed * 1_000 + c)
-        write_run(
-            run_dir,
-            x,
-            rows_per_part=SHARD_ROWS,
-            embedder=None,
-            first_part=s // SHARD_ROWS,
-            prefix=f"c{c:03d}",
-        )
+    rng = np.random.default_rng(seed)
+    truth_path, seeds_path = label_files(run_dir)
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    with (
+        pq.ParquetWriter(truth_path, TRUTH_SCHEMA) as truth,
+        pq.ParquetWriter(seeds_path, TRUTH_SCHEMA) as seeds,
+    ):
+        for c, s in enumerate(range(0, n, chunk)):
+            x, centre = synthetic_labelled(min(chunk, n - s), DIM, seed * 1_000 + c)
+            prefix = f"c{c:03d}"
+            write_run(
+                run_dir,
+                x,
+                rows_per_part=SHARD_ROWS,
+                embedder=None,
+                first_part=s // SHARD_ROWS,
+                prefix=prefix,
+            )
+            del x
+            # The URIs write_run gives its rows; each chunk has its own centres.
+            uris = pa.array([f"file:///synthetic/{prefix}-{i:07d}.jpg" for i in range(len(centre))])
+            labels = pa.array(np.char.add(f"{prefix}-", centre.astype("U4")))
+            table = pa.table({"uri": uris, "label": labels}, schema=TRUTH_SCHEMA)
+            truth.write_table(table)
+            seeds.write_table(table.filter(pa.array(seed_rows(centre, rng))))
     record = {"status": "done", "embedded": n, "dim": DIM, "embedder": EMBEDDER.__dict__}
     runinfo.update_stage(str(run_dir), "embed", record, {})
 
 
+def seed_rows(centre: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Which rows are seed labels: a random SEED_SHARE, plus the first two of every centre (the
+    label stage cross-validates, so each class needs two, as a user labels a few per class)."""
+    chosen = rng.random(len(centre)) < SEED_SHARE
+    order = np.argsort(centre, kind="stable")
+    first = np.searchsorted(centre[order], np.arange(centre.max() + 1))
+    rank = np.arange(len(centre)) - first[centre[order]]
+    chosen[order[rank < 2]] = True
+    return chosen
+
+
+def label_files(run_dir: Path) -> tuple[Path, Path]:
+    """(truth, seeds) Parquet files of a synthetic run directory, beside it (not in it)."""
+    return run_dir.with_name(run_dir.name + "-truth.parquet"), run_dir.with_name(
+        run_dir.name + "-seeds.parquet"
+    )
+
+
 def read_rows(run_dir: Path) -> tuple[np.ndarray, np.ndarray]:
-    """(image ids, float32 rows) of every shard in order, as a hand-written script reads them."""
+    """(image ids, float32 rows) of every shard in order, as a hand-written script reads them
+    (into one preallocated array: a list of pieces and their concatenation would take twice the
+    memory, 20 GB at 10^7 rows)."""
     import pyarrow.parquet as pq
 
-    ids, rows = [], []
-    for path in sorted((run_dir / "embeddings").glob("part-*.parquet")):
+    paths = sorted((run_dir / "embeddings").glob("part-*.parquet"))
+    n = sum(pq.ParquetFile(path).metadata.num_rows for path in paths)
+    ids, rows = np.empty(n, dtype=np.int64), np.empty((n, DIM), dtype=np.float32)
+    at = 0
+    for path in paths:
         table = pq.read_table(path, columns=["image_id", "embedding"])
-        ids.append(table["image_id"].to_numpy())
-        flat = table["embedding"].combine_chunks().flatten().to_numpy()
-        rows.append(flat.reshape(-1, DIM))
-    return np.concatenate(ids), np.concatenate(rows)
+        m = table.num_rows
+        ids[at : at + m] = table["image_id"].to_numpy()
+        rows[at : at + m] = table["embedding"].combine_chunks().flatten().to_numpy().reshape(m, DIM)
+        at += m
+    return ids, rows
 
 
 class TreeMemory:
@@ -172,27 +217,12 @@ def run_stage(stage: str, run_dir: Path, extra: list[str], timeout: float) -> di
     if proc.returncode != 0:
         out["error"] = err[-1500:]
         return out
-    record = json.loads((run_dir / "run.json").read_text())["stages"][stage]
-    keep = (
-        "method",
-        "index",
-        "nprobe",
-        "ef_search",
-        "search",
-        "batches",
-        "actors",
-        "recall",
-        "tuning",
-        "index_build",
-        "query_seconds",
-        "rows",
-        "k",
-        "train_seconds",
-        "assign_seconds",
-        "trained_on",
-        "timings",
-    )
-    out["record"] = {key: record[key] for key in keep if key in record}
+    stages = json.loads((run_dir / "run.json").read_text())["stages"]
+    record = stages.get(stage) or stages.get(f"{stage}_scan") or {}
+    # Everything but the echoed settings and per-epoch curves.
+    out["record"] = {
+        key: v for key, v in record.items() if key not in ("settings", "loss_curve", "classes")
+    }
     return out
 
 
@@ -345,11 +375,28 @@ def growth(points: list[tuple[int, float]]) -> list[float]:
 
 
 CLUSTER_K = 1000
-STAGE_ARGS = {
-    "cluster": ["--k", str(CLUSTER_K)],
-    "graph": ["--set", "graph.duplicate_threshold=none"],
-    "index": [],
-}
+STAGES = ("cluster", "graph", "index", "refine", "label", "evaluate", "report")
+INDEX_MEMORY = "1GB"  # the issue's budget for the index at every size
+
+
+def stage_args(stage: str, run_dir: Path, cluster_k: int) -> list[str]:
+    """The CLI flags each stage runs with (beyond ``--run-dir``)."""
+    truth, seeds = label_files(run_dir)
+    return {
+        "cluster": ["--k", str(cluster_k)],
+        "graph": ["--set", "graph.duplicate_threshold=none"],
+        "index": ["--index-memory", INDEX_MEMORY],
+        # One SCAN epoch and one self-labelling epoch: the point at this size is that it
+        # streams every row through, not the head's quality (quality_fmnist measures that).
+        "refine": ["--method", "scan", "--epochs", "1", "--self-label-epochs", "1"],
+        "label": ["--seed-labels", str(seeds)],
+        "evaluate": ["--truth", str(truth)],
+        "report": [],
+    }[stage]
+
+
+def cluster_k_for(n: int, args: argparse.Namespace) -> int:
+    return args.cluster_k_10m if n >= 10_000_000 else args.cluster_k
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -357,7 +404,15 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--sizes", nargs="+", type=int, default=[100_000, 1_000_000, 1_600_000])
-    p.add_argument("--stages", nargs="+", default=["graph"], choices=list(STAGE_ARGS))
+    p.add_argument("--stages", nargs="+", default=["graph"], choices=STAGES)
+    p.add_argument("--cluster-k", type=int, default=CLUSTER_K, help="k below 10^7 rows")
+    p.add_argument("--cluster-k-10m", type=int, default=10_000, help="k at 10^7 rows and more")
+    p.add_argument(
+        "--baseline-max-n",
+        type=int,
+        default=2_000_000,
+        help="largest N for the hand-written FAISS baselines (they hold every row in memory)",
+    )
     p.add_argument("--library", choices=["hnswlib", "none"], default="hnswlib")
     p.add_argument("--library-max-n", type=int, default=1_000_000, help="largest N for it")
     p.add_argument("--no-faiss-baseline", action="store_true")
@@ -381,12 +436,15 @@ def main(argv: list[str] | None = None) -> int:
         truth = exact_truth(x, rows)
         del x
         for stage in args.stages:
-            entry[stage] = run_stage(stage, run_dir, STAGE_ARGS[stage], args.timeout)
+            extra = stage_args(stage, run_dir, cluster_k_for(n, args))
+            entry[stage] = run_stage(stage, run_dir, extra, args.timeout)
             print(json.dumps({"n": n, stage: entry[stage]}), flush=True)
+        baselines = not args.no_faiss_baseline and n <= args.baseline_max_n
         if "cluster" in entry and entry["cluster"]["exit"] == 0:
             entry["cluster"]["mean_sq_distance"] = round(semclust_kmeans_objective(run_dir), 5)
-            if not args.no_faiss_baseline:
-                entry["faiss_kmeans"] = faiss_kmeans_baseline(run_dir, CLUSTER_K, seed=1234)
+            if baselines:
+                k = cluster_k_for(n, args)
+                entry["faiss_kmeans"] = faiss_kmeans_baseline(run_dir, k, seed=1234)
                 entry["cluster_over_faiss_kmeans"] = round(
                     entry["cluster"]["seconds"] / entry["faiss_kmeans"]["seconds"], 3
                 )
@@ -394,7 +452,7 @@ def main(argv: list[str] | None = None) -> int:
         if "graph" in entry and entry["graph"]["exit"] == 0:
             got = semclust_graph_recall(run_dir, ids, rows, truth)
             entry["graph"]["recall_at_10"] = round(got, 4)
-            if not args.no_faiss_baseline:
+            if baselines:
                 entry["faiss_ivf"] = faiss_ivf_baseline(run_dir, got, rows, truth)
                 entry["graph_over_faiss_ivf"] = round(
                     entry["graph"]["seconds"] / entry["faiss_ivf"]["seconds"], 3
@@ -412,13 +470,15 @@ def main(argv: list[str] | None = None) -> int:
         entry["load_end"] = load()
         results.append(entry)
         shutil.rmtree(run_dir, ignore_errors=True)
+        for path in label_files(run_dir):
+            path.unlink(missing_ok=True)
     summary: dict[str, Any] = {"sizes": args.sizes, "cpus": os.cpu_count()}
     for stage in [*args.stages, "faiss_ivf", "hnswlib", "faiss_kmeans"]:
-        points = [
+        points = sorted(
             (e["n"], e[stage]["seconds"])
             for e in results
             if isinstance(e.get(stage), dict) and e[stage].get("exit", 0) == 0
-        ]
+        )
         if len(points) > 1:
             summary[f"{stage}_growth"] = growth(points)
     report = {"results": results, "summary": summary}
