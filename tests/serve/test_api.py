@@ -4,6 +4,7 @@ the filters, the cluster and image endpoints, and the error of every bad request
 from __future__ import annotations
 
 import io
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -208,6 +209,25 @@ def test_bad_uploads_and_bodies(server, demo_images):
     assert inside.status == 400 and "is not an image" in inside.json()["error"]
     climb = server.post_json("/search", {"uri": f"file://{demo_images}/../../../etc/passwd"})
     assert climb.status == 403
+
+
+def test_an_oversized_body_is_read_before_the_413(server):
+    # A client that writes its whole body before reading (urllib, requests) would see its
+    # connection reset if the server answered and closed after the first bytes.
+    host, port = server.url.removeprefix("http://").split(":")
+    body = b"\xff" * (3 << 20)
+    head = f"POST /search HTTP/1.1\r\nHost: {host}\r\nContent-Type: image/jpeg\r\n"
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body[: 1 << 20])
+        sock.settimeout(1.0)
+        with pytest.raises(TimeoutError):
+            sock.recv(1)  # nothing is answered while the body is still coming
+        sock.settimeout(30)
+        sock.sendall(body[1 << 20 :])
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            answer += sock.recv(65536)
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
 
 
 def test_schema_page_and_quiet_start(server, demo_images):

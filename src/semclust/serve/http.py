@@ -91,6 +91,22 @@ def _handler(status: int) -> Any:
     return handle
 
 
+# A client such as urllib sends its whole body before it reads the answer; closing on it
+# mid-send resets the connection and it never sees the 413. Bodies up to this size are read
+# and dropped first; past it, being reset is cheaper than reading on.
+DRAIN_LIMIT = 64 << 20
+
+
+async def _drain(receive: Any, budget: int = DRAIN_LIMIT) -> None:
+    while budget > 0:
+        message = await receive()
+        if message["type"] != "http.request":
+            return
+        budget -= len(message.get("body", b""))
+        if not message.get("more_body", False):
+            return
+
+
 class BodyLimit:
     """Refuses a request body over ``limit`` bytes with 413, by its Content-Length or, for a
     streamed body, as soon as the bytes read pass the limit; marks every answer ``nosniff``."""
@@ -105,6 +121,8 @@ class BodyLimit:
         length = dict(scope.get("headers") or {}).get(b"content-length")
         too_large = f"the request body is over the limit of {self.limit >> 20} MiB"
         if length is not None and length.isdigit() and int(length) > self.limit:
+            if int(length) <= DRAIN_LIMIT:
+                await _drain(receive)
             await _error(413, too_large)(scope, receive, send)
             return
         seen = 0
@@ -133,4 +151,5 @@ class BodyLimit:
             await self.app(scope, limited_receive, tracking_send)
         except TooLarge:
             if not started:
+                await _drain(receive, DRAIN_LIMIT - seen)
                 await _error(413, too_large)(scope, receive, send)
