@@ -60,6 +60,7 @@ def test_every_backbone_embeds_the_same_sample_and_is_ranked_by_truth(
         assert r["nmi"] > 0.7 and r["acc"] > 0.5
         assert r["score"] == pytest.approx((r["acc"] + r["nmi"]) / 2)
         assert r["silhouette"] is not None and r["stability_ari"] is not None
+        assert 0 < r["knn_agreement"] <= 1
     assert ranked[0]["score"] >= ranked[1]["score"]
     assert f"chosen: --backbone {result['chosen']}" in printed
     assert "| rank | backbone |" in printed
@@ -89,24 +90,31 @@ def test_a_second_call_reuses_the_sample_and_runs(selection, demo_images) -> Non
         select_backbone(str(demo_images), str(out), BACKBONES, sample=SAMPLE - 10, k=K)
 
 
-def test_label_free_ranking_is_the_mean_rank_of_silhouette_and_stability() -> None:
+def test_label_free_ranking_is_the_mean_rank_of_silhouette_stability_and_knn_agreement() -> None:
     rows = [
-        {"backbone": "a", "silhouette": 0.30, "stability_ari": 0.70},
-        {"backbone": "b", "silhouette": 0.20, "stability_ari": 0.95},
-        {"backbone": "c", "silhouette": 0.25, "stability_ari": 0.90},
-        {"backbone": "d", "silhouette": None, "stability_ari": 0.99},
+        {"backbone": "a", "silhouette": 0.30, "stability_ari": 0.70, "knn_agreement": 0.80},
+        {"backbone": "b", "silhouette": 0.20, "stability_ari": 0.95, "knn_agreement": 0.70},
+        {"backbone": "c", "silhouette": 0.25, "stability_ari": 0.90, "knn_agreement": 0.75},
+        {"backbone": "d", "silhouette": None, "stability_ari": 0.99, "knn_agreement": 0.60},
     ]
     ranked = rank_backbones(rows, with_truth=False)
-    # Silhouette ranks a1 c2 b3 d4 (a missing score is worst), stability d1 b2 c3 a4: every mean
-    # is 2.5, and a tie goes by name, so the order is stable from run to run.
-    assert {r["backbone"]: -r["score"] for r in ranked} == {"a": 2.5, "b": 2.5, "c": 2.5, "d": 2.5}
-    assert [r["backbone"] for r in ranked] == ["a", "b", "c", "d"]
+    # Silhouette ranks a1 c2 b3 d4 (a missing score is worst), stability d1 b2 c3 a4, kNN
+    # agreement a1 c2 b3 d4: means a 2, c 7/3, b 8/3, d 3.
+    scores = {r["backbone"]: -r["score"] for r in ranked}
+    assert scores == pytest.approx({"a": 2, "c": 7 / 3, "b": 8 / 3, "d": 3})
+    assert [r["backbone"] for r in ranked] == ["a", "c", "b", "d"]
     assert [r["rank"] for r in ranked] == [1, 2, 3, 4]
+    # Equal means are broken by name, so the order is stable from run to run.
+    tied = [
+        {"backbone": "y", "silhouette": 0.2, "stability_ari": 0.9, "knn_agreement": 0.5},
+        {"backbone": "x", "silhouette": 0.3, "stability_ari": 0.8, "knn_agreement": 0.5},
+    ]
+    assert [r["backbone"] for r in rank_backbones(tied, with_truth=False)] == ["x", "y"]
 
     clear = [
-        {"backbone": "weak", "silhouette": 0.1, "stability_ari": 0.5},
-        {"backbone": "strong", "silhouette": 0.4, "stability_ari": 0.9},
-        {"backbone": "mixed", "silhouette": 0.3, "stability_ari": 0.4},
+        {"backbone": "weak", "silhouette": 0.1, "stability_ari": 0.5, "knn_agreement": 0.5},
+        {"backbone": "strong", "silhouette": 0.4, "stability_ari": 0.9, "knn_agreement": 0.9},
+        {"backbone": "mixed", "silhouette": 0.3, "stability_ari": 0.4, "knn_agreement": 0.7},
     ]
     assert [r["backbone"] for r in rank_backbones(clear, with_truth=False)] == [
         "strong", "mixed", "weak",

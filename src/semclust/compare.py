@@ -3,9 +3,9 @@
 Each run (another backbone, PCA setting, k or head) is read from its ``metrics.json`` (made by
 ``semclust evaluate``; computed here when missing or when asked to), and every clustering in it
 (k-means and each refined head) becomes one row of a table: the truth scores (ACC, NMI, ARI,
-purity), the label-free ones (silhouette, size balance, k-means seed stability), retrieval and
-kNN-graph purity, and the labels' accuracy. Runs must hold the same images (the same set of
-image ids); otherwise the comparison would not be fair, and it stops.
+purity), the label-free ones (silhouette, size balance, k-means seed stability and kNN
+agreement), retrieval and kNN-graph purity, and the labels' accuracy. Runs must hold the same
+images (the same set of image ids); otherwise the comparison would not be fair, and it stops.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ COLUMNS: tuple[tuple[str, str], ...] = (
     ("silhouette", "silhouette"),
     ("balance", "balance"),
     ("stability_ari", "seed ARI"),
+    ("knn_agreement", "kNN agree"),
     ("knn_purity", "kNN purity"),
     ("top1", "top-1"),
     ("top5", "top-5"),
@@ -97,6 +98,7 @@ def run_rows(
                 "silhouette": free.get("silhouette"),
                 "balance": (free.get("balance") or {}).get("normalized_entropy"),
                 "stability_ari": (label_free.get("stability") or {}).get("mean_pairwise_ari"),
+                "knn_agreement": (label_free.get("stability") or {}).get("mean_knn_agreement"),
                 "knn_purity": (metrics.get("knn_graph") or {}).get("purity"),
                 "top1": retrieval.get("top1"),
                 "top5": retrieval.get("top5"),

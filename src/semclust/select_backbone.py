@@ -9,9 +9,10 @@ normal run under the stage contract, so a second call resumes (committed parts a
 
 Ranking, best first, written to ``OUT/selection.json``:
 - with truth (``--truth folder-names`` or a file): the mean of k-means' ACC and NMI;
-- without: the mean of the backbone's ranks by cosine silhouette and by k-means seed stability
-  (mean pairwise ARI of seeded k-means runs on one sample), the two label-free scores that do
-  not depend on the embedding's dimension or scale.
+- without: the mean of the backbone's ranks by the label-free scores that do not depend on the
+  embedding's dimension or scale (``LABEL_FREE_SCORES``): cosine silhouette, k-means seed
+  stability (mean pairwise ARI of seeded k-means runs on one sample) and kNN agreement (the
+  share of each row's 10 nearest neighbours that those runs put in its cluster).
 """
 
 from __future__ import annotations
@@ -37,7 +38,18 @@ SAMPLE_FILE = "sample.parquet"
 SAMPLE_INFO = "sample.json"
 SELECTION_FILE = "selection.json"
 # The table's columns: compare's, less those of one run's settings that are equal here.
-SHOWN = ("rank", "backbone", "acc", "nmi", "silhouette", "stability_ari", "balance", "dim")
+SHOWN = (
+    "rank",
+    "backbone",
+    "acc",
+    "nmi",
+    "silhouette",
+    "stability_ari",
+    "knn_agreement",
+    "balance",
+    "dim",
+)
+LABEL_FREE_SCORES = ("silhouette", "stability_ari", "knn_agreement")
 
 
 def write_sample(input_uri: str, out_dir: str, size: int, seed: int) -> int:
@@ -97,12 +109,13 @@ def rank_backbones(rows: list[dict[str, Any]], with_truth: bool) -> list[dict[st
             r["score"] = _mean([r.get("acc"), r.get("nmi")])
     else:
         rank_sums = np.zeros(len(rows))
-        for key in ("silhouette", "stability_ari"):
+        for key in LABEL_FREE_SCORES:
             values = np.array([_or_worst(r.get(key)) for r in rows])
             # Rank 1 for the highest value; ties share the better rank.
             rank_sums += np.array([1 + int((values > v).sum()) for v in values])
         for r, total in zip(rows, rank_sums, strict=True):
-            r["score"] = -float(total) / 2  # higher is better, like the truth score
+            # Higher is better, like the truth score.
+            r["score"] = -float(total) / len(LABEL_FREE_SCORES)
     rows.sort(key=lambda r: (-_or_worst(r["score"]), r["backbone"]))
     for i, r in enumerate(rows, start=1):
         r["rank"] = i
@@ -181,7 +194,8 @@ def select_backbone(
         "truth": truth,
         "ranked_by": "mean of ACC and NMI against the truth"
         if truth is not None
-        else "mean rank by cosine silhouette and k-means seed stability (label-free)",
+        else "mean rank by cosine silhouette, k-means seed stability and kNN agreement "
+        "(label-free)",
         "chosen": ranked[0]["backbone"] if ranked else None,
         "backbones": ranked,
     }

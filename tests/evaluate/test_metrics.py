@@ -101,6 +101,24 @@ def test_silhouette_and_stability_separate_structure_from_noise():
     blob = rng.normal(size=(400, 16)).astype(np.float32)
     unclear = seed_stability(blob, 4, True, 20, seeds=[1, 2, 3])
     assert unclear["mean_pairwise_ari"] < clear["mean_pairwise_ari"] - 0.2
+    # Planted clusters keep nearly every row's neighbours with it; cuts through one blob do not.
+    assert clear["knn_k"] == 10 and clear["min_knn_agreement"] > 0.95
+    assert unclear["mean_knn_agreement"] < clear["mean_knn_agreement"] - 0.1
+    assert clear["min_knn_agreement"] <= clear["mean_knn_agreement"]
+
+
+def test_knn_agreement_counts_neighbours_in_the_same_cluster():
+    # Two tight pairs far apart, k-means k=2: every row's nearest other row is its pair.
+    x = np.array([[1, 0], [1, 0.01], [-1, 0], [-1, 0.01]], np.float32)
+    from semclust.evaluate.scores import _sample_neighbours
+
+    assert _sample_neighbours(x, True, 1).ravel().tolist() == [1, 0, 3, 2]
+    # Exact duplicates: each row still finds the other, never itself.
+    twins = np.array([[1, 0], [1, 0], [0, 1], [0, 1]], np.float32)
+    found = _sample_neighbours(twins, True, 1).ravel().tolist()
+    assert found == [1, 0, 3, 2]
+    three = _sample_neighbours(x, True, 3)
+    assert (three != np.arange(4)[:, None]).all() and three.shape == (4, 3)
 
 
 @pytest.fixture(scope="module")

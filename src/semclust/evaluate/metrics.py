@@ -291,4 +291,5 @@ def headline(metrics: dict[str, Any]) -> dict[str, Any]:
     }
     if "stability" in lf:
         out["label_free"]["stability_ari"] = lf["stability"]["mean_pairwise_ari"]
+        out["label_free"]["knn_agreement"] = lf["stability"].get("mean_knn_agreement")
     return out

@@ -136,11 +136,17 @@ def cosine_silhouette(x: np.ndarray, labels: np.ndarray) -> float | None:
     return float(silhouette_score(x, labels, metric="cosine"))
 
 
+KNN_AGREEMENT_K = 10
+
+
 def seed_stability(
     sample: np.ndarray, k: int, spherical: bool, niter: int, seeds: Sequence[int]
 ) -> dict[str, Any]:
     """How much k-means depends on its seed: mean pairwise ARI and NMI of the assignments of
-    float32 (n, D) sample rows by k-means runs that differ only in the seed."""
+    float32 (n, D) sample rows by k-means runs that differ only in the seed; and, per seed, the
+    kNN agreement: the share of each row's ``KNN_AGREEMENT_K`` nearest neighbours in the sample
+    that k-means put in its cluster (a backbone whose neighbourhoods its clusters keep scores
+    high; one that only some seeds' clusters keep scores a low minimum)."""
     from semclust.clustering.kmeans import assign, faiss_kmeans
     from semclust.rundir.embeddings import normalize_rows
 
@@ -151,6 +157,8 @@ def seed_stability(
             x, k, niter=niter, nredo=1, spherical=spherical, init="kmeans++", seed=int(seed)
         )
         runs.append(assign(x, centroids, spherical)[0][:, 0])
+    neighbours = _sample_neighbours(x, spherical, KNN_AGREEMENT_K)
+    agreement = [float((r[neighbours] == r[:, None]).mean()) for r in runs if neighbours.size]
     pairs = list(combinations(range(len(runs)), 2))
     aris = [_sk().adjusted_rand_score(runs[a], runs[b]) for a, b in pairs]
     nmis = [_sk().normalized_mutual_info_score(runs[a], runs[b]) for a, b in pairs]
@@ -161,4 +169,26 @@ def seed_stability(
         "mean_pairwise_ari": round(float(np.mean(aris)), 5) if aris else None,
         "min_pairwise_ari": round(float(np.min(aris)), 5) if aris else None,
         "mean_pairwise_nmi": round(float(np.mean(nmis)), 5) if nmis else None,
+        "knn_k": KNN_AGREEMENT_K,
+        "mean_knn_agreement": round(float(np.mean(agreement)), 5) if agreement else None,
+        "min_knn_agreement": round(float(np.min(agreement)), 5) if agreement else None,
     }
+
+
+def _sample_neighbours(x: np.ndarray, spherical: bool, k: int) -> np.ndarray:
+    """(n, k) row numbers of each row's k nearest other rows of ``x``, exactly."""
+    import faiss
+
+    k = min(k, len(x) - 1)
+    if k < 1:
+        return np.zeros((len(x), 0), np.int64)
+    index = faiss.IndexFlatIP(x.shape[1]) if spherical else faiss.IndexFlatL2(x.shape[1])
+    index.add(np.ascontiguousarray(x, np.float32))
+    _, found = index.search(np.ascontiguousarray(x, np.float32), k + 1)
+    # Each row finds itself first, except among exact duplicates: drop its own number wherever
+    # it is, else the last.
+    own = found == np.arange(len(x))[:, None]
+    drop = np.where(own.any(axis=1), own.argmax(axis=1), k)
+    keep = np.ones_like(found, bool)
+    keep[np.arange(len(x)), drop] = False
+    return found[keep].reshape(len(x), k)
