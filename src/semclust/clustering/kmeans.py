@@ -60,7 +60,10 @@ class CentroidAssigner:
 
     def assign_model_space(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(clusters int64 (n, 2), squared L2 float32 (n, 2)) of model-space rows (n, d)."""
-        labels, dist = nearest_two(self.index, x)
+        if self.index is not self.exact and len(x) * self.index.nprobe > 4 * self.index.nlist:
+            labels, dist = _bucketed_nearest_two(self.index, x)
+        else:
+            labels, dist = nearest_two(self.index, x)
         missing = (labels < 0).any(axis=1)
         if missing.any():
             # The probed lists held fewer than two centroids: those rows get the exact answer.
@@ -70,6 +73,26 @@ class CentroidAssigner:
     def assign(self, vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(clusters int64 (n, 2), squared L2 float32 (n, 2)) of embeddings float32 (n, D)."""
         return self.assign_model_space(self.model.transform.apply(vectors))
+
+
+def _bucketed_nearest_two(ivf: Any, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``nearest_two`` through the coarse IVF with the rows grouped by coarse cluster, so each
+    cell's centroids meet its rows in one matrix product (``faiss.contrib.big_batch_search``)
+    rather than row by row: the same answer, several times faster on millions of rows."""
+    import contextlib
+    import io
+
+    from faiss.contrib.big_batch_search import big_batch_search
+
+    labels = np.empty((len(x), 2), dtype=np.int64)
+    dist = np.empty((len(x), 2), dtype=np.float32)
+    step = 1 << 20  # bounds the (rows, nprobe) bucket arrays
+    for s in range(0, len(x), step):
+        # It prints its progress to stdout even at verbose=0; that belongs in no log.
+        with contextlib.redirect_stdout(io.StringIO()):
+            d, i = big_batch_search(ivf, np.ascontiguousarray(x[s : s + step]), 2, threaded=1)
+        dist[s : s + step], labels[s : s + step] = d, i
+    return labels, dist
 
 
 def assign(
