@@ -300,6 +300,9 @@ def _propagation_operator(
     return None, skipped
 
 
+PREDICT_ROWS = 8192
+
+
 def _write_labels(
     run_dir: str,
     rows: RunRows,
@@ -321,14 +324,20 @@ def _write_labels(
     label_names = np.asarray([*names, UNKNOWN], dtype=object)
     writer = LabelWriter(run_dir)
     for uri, span, vectors in rows.embeddings():
-        probs = head(vectors)
-        if prop is not None:
-            p = prop[span]
-            reached = p.sum(axis=1) > 0
-            p = np.where(reached[:, None], p, probs)
-            probs = p if method == "propagation" else (probs + p) / 2
-        winner = probs.argmax(axis=1)
-        conf = probs[np.arange(len(winner)), winner]
+        winner = np.empty(len(vectors), dtype=np.int64)
+        conf = np.empty(len(vectors), dtype=np.float32)
+        # A few thousand rows at a time: a shard's (rows, classes) probabilities would be 2 GB
+        # at 10,000 classes.
+        for s in range(0, len(vectors), PREDICT_ROWS):
+            part = slice(s, s + PREDICT_ROWS)
+            probs = head(vectors[part])
+            if prop is not None:
+                p = prop[span][part]
+                reached = p.sum(axis=1) > 0
+                p = np.where(reached[:, None], p, probs)
+                probs = p if method == "propagation" else (probs + p) / 2
+            winner[part] = probs.argmax(axis=1)
+            conf[part] = probs[np.arange(len(probs)), winner[part]]
         lab = label_names[winner]
         lab[conf < lc.min_confidence] = UNKNOWN
         source = np.full(len(winner), method, dtype=object)

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from semclust import storage
+from semclust.config import LabelConfig
 from semclust.context import RunContext
 from semclust.errors import UserError
 from semclust.label.common import LabelWriter
@@ -65,12 +66,25 @@ def settings(ctx: RunContext) -> dict[str, Any]:
 
 
 def run(ctx: RunContext) -> dict[str, Any]:
-    """Label the run's images: writes labels/; returns the record (mode, classes, details)."""
+    """Label the run's images in one Ray task: writes labels/; returns the record (mode,
+    classes, details). In a task, not the driver: the head's predictions and label
+    propagation's (rows, classes) arrays take gigabytes at millions of rows, and the driver is
+    often a small head pod."""
+    from semclust.index.faiss_ops import node_resources
+
+    ray = ctx.start_ray()
+    cpus, _ = node_resources()
+    ctx.ensure_held()
+    task = ctx.remote(label_task, num_cpus=float(max(1.0, cpus)))
+    return dict(ray.get(task.remote(ctx.run_dir, ctx.cfg.label)))
+
+
+def label_task(run_dir: str, lc: LabelConfig) -> dict[str, Any]:
+    """The label stage's work (see ``run``)."""
     from semclust.label import names as names_mode
     from semclust.label.refs import label_with_references
     from semclust.label.seeds import label_with_seeds
 
-    run_dir, lc = ctx.run_dir, ctx.cfg.label
     rows = RunRows.load(run_dir)
     folder = assignments_folder(run_dir, lc.assignments)
     clusters = read_clusters(run_dir, folder, rows) if folder else None
