@@ -102,3 +102,25 @@ def test_assigner_returns_the_two_nearest_in_order():
     assert labels.tolist() == [[0, 1], [1, 0], [2, 1]]
     np.testing.assert_allclose(dist[:, 0], [1.01, 4.01, 0.04], rtol=1e-5)
     assert (dist[:, 0] <= dist[:, 1]).all()
+
+
+def test_a_two_level_model_on_a_gpu_searches_the_flat_gpu_index(monkeypatch):
+    """On a GPU every centroid is searched flat (no IVF, no bucketing); no GPU here, so the GPU
+    copy is stood in for by a CPU flat index, which has no nprobe either."""
+    import faiss
+
+    x, _, _ = planted(6_000, 36, 16, noise=0.2, seed=4)
+    model, _ = train_kmeans(x, ClusterConfig(k=36, hierarchical="on", max_points_per_centroid=100))
+    assert model.coarse is not None
+
+    def cpu_copy(index, shard):
+        copy = faiss.IndexFlatL2(index.d)
+        copy.add(index.reconstruct_n(0, index.ntotal))
+        return copy
+
+    monkeypatch.setattr("semclust.clustering.kmeans.to_gpus", cpu_copy)
+    on_gpu = CentroidAssigner(model, gpus=1)
+    assert on_gpu.method == "flat (GPU)" and on_gpu.ivf is None
+    got = on_gpu.assign(x)[0]
+    flat = CentroidAssigner(KMeansModel(model.transform, model.centroids)).assign(x)[0]
+    np.testing.assert_array_equal(got, flat)

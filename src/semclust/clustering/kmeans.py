@@ -43,6 +43,7 @@ class CentroidAssigner:
         self.exact = faiss.IndexFlatL2(dim)
         self.exact.add(model.centroids)
         self.index = self.exact
+        self.ivf: Any = None  # the two-level model's IVF on CPU, else None (flat, or a GPU)
         self.method = "flat"
         if gpus:
             self.index = to_gpus(self.exact, shard=False)
@@ -55,13 +56,13 @@ class CentroidAssigner:
             ivf.is_trained = True
             ivf.add(model.centroids)
             ivf.nprobe = min(nprobe, len(model.coarse))
-            self.index = ivf
+            self.index = self.ivf = ivf
             self.method = f"ivf over {len(model.coarse)} coarse clusters, nprobe {ivf.nprobe}"
 
     def assign_model_space(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(clusters int64 (n, 2), squared L2 float32 (n, 2)) of model-space rows (n, d)."""
-        if self.index is not self.exact and len(x) * self.index.nprobe > 4 * self.index.nlist:
-            labels, dist = _bucketed_nearest_two(self.index, x)
+        if self.ivf is not None and len(x) * self.ivf.nprobe > 4 * self.ivf.nlist:
+            labels, dist = _bucketed_nearest_two(self.ivf, x)
         else:
             labels, dist = nearest_two(self.index, x)
         missing = (labels < 0).any(axis=1)
