@@ -40,9 +40,9 @@ def test_graph_spec_per_method():
     gc = GraphConfig(nlist=None, hnsw_m=16, ef_construction=40)
     assert graph_spec(gc, "exact", 1_000, 8).factory == "Flat"
     assert graph_spec(gc, "hnsw", 1_000, 8).factory == "HNSW16,Flat"
-    # About a thousand rows a list from a million rows on, sqrt(N) below.
+    # A power of two near sqrt(N): 1,000 lists at 10^6, 3,162 at 10^7 (rounded in log2).
     assert graph_spec(gc, "ivf", 1_000_000, 8).factory == "IVF1024,Flat"
-    assert [graph_nlist(n) for n in (100_000, 1_600_000, 10_000_000)] == [256, 2048, 8192]
+    assert [graph_nlist(n) for n in (100_000, 1_600_000, 10_000_000)] == [256, 1024, 4096]
     assert graph_nlist(1_000) == 25  # at least 39 training rows per list
     assert graph_spec(GraphConfig(nlist=500), "ivf", 100, 8).nlist == 100  # never over N
     ivf = graph_spec(GraphConfig(nlist=100), "ivf", 10_000, 8)

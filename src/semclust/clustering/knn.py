@@ -25,7 +25,6 @@ excluded. Similarity is the cosine for ``metric=cosine`` and minus the squared L
 
 from __future__ import annotations
 
-import contextlib
 import io
 import logging
 import math
@@ -45,6 +44,7 @@ from semclust.index.factory import (
     train_rows_for,
 )
 from semclust.index.faiss_ops import (
+    bucketed_search,
     claimed_cpus,
     load_index,
     resolve_gpus,
@@ -82,14 +82,15 @@ def choose_method(gc: GraphConfig, n: int, gpu: bool) -> str:
 
 
 def graph_nlist(n: int) -> int:
-    """IVF lists for a graph over N rows: a power of two near max(sqrt(N), N / 1024).
+    """IVF lists for a graph over N rows: a power of two near sqrt(N).
 
-    A graph queries every row, so its cost is N x (the lists' centroids + nprobe lists' rows).
-    About a thousand rows per list keeps the list scans large matrix products and the coarse
-    step small beside them; FAISS's usual 4 sqrt(N) for an index answering few queries made the
-    coarse step the larger half (400,000 rows: 11 s of 23 s, against 2.5 s of 10 s).
+    A graph queries every row, so its cost is N x (the lists' centroids, searched once when each
+    row is added) + N x (the rows of the nprobe lists it scans): with the scans bucketed into
+    matrix products (``GraphSearcher``) the two are alike per row, and sqrt(N) lists balance them.
+    N / 1024 lists (the rule before) made the coarse step grow as N^2: at 10^7 rows 8,192 lists
+    spent 457 s adding against 795 s searching, a slope of 1.41 from 10^6 (benchmarks/RESULTS.md).
     """
-    target = 2 ** round(math.log2(max(1.0, math.sqrt(n), n / 1024)))
+    target = 2 ** round(math.log2(max(1.0, math.sqrt(n))))
     return int(max(1, min(target, n // MIN_POINTS_PER_LIST)))
 
 
@@ -213,15 +214,12 @@ class GraphSearcher:
         self, x: np.ndarray, k: int, lists: np.ndarray | None
     ) -> tuple[np.ndarray, np.ndarray]:
         import faiss
-        from faiss.contrib.big_batch_search import big_batch_search
 
         ivf = faiss.downcast_index(faiss.extract_index_ivf(self.index))
         depth = ivf.nprobe
         # A copy: the search sorts its assignment in place.
         assign = None if lists is None or lists.shape[1] < depth else np.array(lists[:, :depth])
-        # It prints its progress to stdout even at verbose=0; that belongs in no log.
-        with contextlib.redirect_stdout(io.StringIO()):
-            return big_batch_search(ivf, x, k, threaded=1, q_assign=assign)
+        return bucketed_search(ivf, x, k, assign)
 
     def tune(
         self, query_ids: np.ndarray, queries: np.ndarray, truth: np.ndarray, k: int, target: float
@@ -245,23 +243,26 @@ class GraphSearcher:
         """Search every row of a batch of shards together (k+1, self removed) and write one knn
         part per shard; the rows written."""
         parts = [read_checked(u, self.spec.dim) for u in shard_uris]
-        ids = np.concatenate([p[0] for p in parts])
+        part_ids = [p[0] for p in parts]
+        ids = np.concatenate(part_ids)
         vectors = np.concatenate([p[1] for p in parts]) if len(parts) > 1 else parts[0][1]
+        del parts  # a batch is up to graph.batch_memory: one copy of it at a time
         lists = None
         if self.lists is not None:  # the build's coarse search of these rows
             lists = np.concatenate(
                 [
-                    self.lists[self.first_row[u] : self.first_row[u] + len(p[0])]
-                    for u, p in zip(shard_uris, parts, strict=True)
+                    self.lists[self.first_row[u] : self.first_row[u] + len(p)]
+                    for u, p in zip(shard_uris, part_ids, strict=True)
                 ]
             )
         labels, scores = self.search(vectors, k + 1, lists)
+        del vectors
         neighbors, sims = drop_self(ids, labels, scores, k)
         start = 0
-        for (part_ids, _), out_uri in zip(parts, out_uris, strict=True):
-            end = start + len(part_ids)
+        for shard_ids, out_uri in zip(part_ids, out_uris, strict=True):
+            end = start + len(shard_ids)
             storage.write_parquet(
-                out_uri, knn_table(part_ids, neighbors[start:end], sims[start:end])
+                out_uri, knn_table(shard_ids, neighbors[start:end], sims[start:end])
             )
             start = end
         return len(ids)

@@ -231,8 +231,8 @@ class GraphConfig:
     # exact | ivf | hnsw | auto (exact up to exact_max_rows, else ivf)
     method: str = flag("auto", "--graph-method", "auto | exact | ivf | hnsw")
     exact_max_rows: int | None = None  # None: 4,000,000 with a GPU, 50,000 on CPU
-    # IVF lists; None: a power of two near max(sqrt(N), N / 1024) (knn.graph_nlist)
-    nlist: int | None = flag(None, "--graph-nlist", "IVF lists (default near max(sqrt N, N/1024))")
+    # IVF lists; None: a power of two near sqrt(N) (knn.graph_nlist)
+    nlist: int | None = flag(None, "--graph-nlist", "IVF lists (default: near sqrt N)")
     # An approximate graph's nprobe (IVF) or efSearch (HNSW) is the smallest that reaches this
     # recall@k on a seeded sample of queries against exact search; the reported recall is then
     # measured on a second, held-out sample.
@@ -247,8 +247,11 @@ class GraphConfig:
     # IVF on CPU: a batch's queries are bucketed by IVF list so that each list is scanned once
     # per batch as one matrix product (faiss.contrib.big_batch_search), instead of per query.
     bucketed: bool = True
-    # queries searched together; a batch's vectors take at most this much memory
-    batch_memory: str = "512MB"
+    # queries searched together; a batch's vectors take at most this much memory. Bucketed,
+    # a list's scan is a matrix product of the batch's queries in it: at 10^7 rows 512MB gave
+    # ~50 queries a list, products too small to run near the BLAS peak (1.6x the time a query
+    # of 250 a list takes; 1,000 a list gain 1.25x more, at 4x the memory).
+    batch_memory: str = "1GB"
     fp16: bool = flag(False, "--fp16", "GPU exact graph: store vectors in float16", const=True)
     # query actors; None = one per GPU, else 1
     num_actors: int | None = flag(None, "--graph-actors", "Ray actors answering kNN queries")
