@@ -4,6 +4,7 @@ bucketed IVF against plain IVF, and the depth tuning."""
 
 from __future__ import annotations
 
+import faiss
 import numpy as np
 
 from semclust.clustering.knn import (
@@ -112,7 +113,10 @@ def test_bucketed_search_equals_plain_search(tmp_path):
     for depth in (1, 4):
         bucketed.set_depth(depth)
         plain.set_depth(depth)
+        before = faiss.cvar.distance_compute_blas_threshold
         got_ids, got_sims = bucketed.search(x, 11)
+        # Its scans went through BLAS; other searches keep FAISS's own threshold.
+        assert faiss.cvar.distance_compute_blas_threshold == before
         want_ids, want_sims = plain.search(x, 11)
         np.testing.assert_allclose(got_sims, want_sims, atol=1e-5)
         assert (got_ids == want_ids).mean() > 0.999  # equal similarities may swap places
