@@ -216,11 +216,11 @@ def store_index(index: Any, uri: str) -> int:
     return os.path.getsize(path)
 
 
-# FAISS 1.15 computes a distance block through BLAS only from 128,000 queries on; below, with
-# SIMD loops. A bucketed scan is one list's few hundred queries against its few thousand rows:
-# there BLAS was 2.4-3x faster (244 x 1,170 and 244 x 2,441 at 256-d, 2 threads), and 20 is the
-# threshold FAISS used to have. Only the bucketed searches change it: elsewhere results stay
-# those of the SIMD loops, which do not depend on how queries are batched.
+# FAISS 1.15's distance_compute_blas_threshold is 128,000: below it, distance blocks go through
+# SIMD loops instead of BLAS. A bucketed scan is one list's few hundred queries against its few
+# thousand rows: there BLAS was 2.4-3x faster (244 x 1,170 and 244 x 2,441 at 256-d, 2 threads),
+# and 20 is the threshold FAISS used to have. Only the bucketed searches change it: elsewhere
+# results stay those of the SIMD loops, which do not depend on how queries are batched.
 _BUCKET_BLAS_THRESHOLD = 20
 
 
