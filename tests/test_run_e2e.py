@@ -90,7 +90,10 @@ def test_run_directory_contents_counts_and_schema(run_dir):
     failures = {
         Path(u).name: (stage, err)
         for shard in storage.list_shards(str(run_dir / "failures"))
-        for u, stage, err in zip(*pq.read_table(shard).to_pydict().values(), strict=True)
+        for u, stage, err in zip(
+            *pq.read_table(shard, columns=["uri", "stage", "error"]).to_pydict().values(),
+            strict=True,
+        )
     }
     assert failures["empty.jpg"] == ("decode", "empty file")
     assert "truncated" in failures["truncated.jpg"][1]

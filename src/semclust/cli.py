@@ -217,7 +217,7 @@ def _print_hits(queries: list[str], results: list[list[Any]], as_json: bool) -> 
         print(f"query: {q}")
         print(f"  {'rank':>4}  {'similarity':>10}  uri")
         for h in hits:
-            print(f"  {h.rank:>4}  {h.similarity:>10.4f}  {h.uri}")
+            print(f"  {h.rank:>4}  {h.similarity:>10.4f}  {h.label}")
 
 
 def print_records(records: dict[str, dict[str, Any]], *, details: bool = True) -> None:

@@ -72,6 +72,8 @@ def write_run(
                 ),
                 "width": pa.array(np.full(n, 640), pa.int32()),
                 "height": pa.array(np.full(n, 480), pa.int32()),
+                "frame_time": pa.nulls(n, pa.float32()),
+                "frame_index": pa.nulls(n, pa.int32()),
             },
             schema=schemas.embeddings(dim),
         )

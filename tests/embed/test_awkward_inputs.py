@@ -262,7 +262,7 @@ def _read_run(run_dir: str) -> tuple[dict[str, int], dict[str, tuple[str, str]]]
             embedded[uri] = image_id
     failed: dict[str, tuple[str, str]] = {}
     for shard in storage.list_shards(storage.join(run_dir, "failures")):
-        t = storage.read_parquet(shard)
+        t = storage.read_parquet(shard, ["uri", "stage", "error"])
         for uri, stage, error in zip(*t.to_pydict().values(), strict=True):
             assert uri not in failed and uri not in embedded, f"{uri!r} twice"
             failed[uri] = (stage, error)

@@ -8,22 +8,19 @@ import pyarrow as pa
 import pytest
 
 from semclust import storage
-from semclust.embed.todo import TodoProgress, cut_parts, read_part, todo_dir, write_todo
+from semclust.embed.sources import listing_page
+from semclust.embed.todo import (
+    TODO_SCHEMA,
+    TodoProgress,
+    cut_parts,
+    read_part,
+    todo_dir,
+    write_todo,
+)
 
 
 def _pages(uris: list[str], page_rows: int) -> list[pa.Table]:
-    ids = np.array([storage.image_id_for(u) for u in uris])
-    return [
-        pa.table(
-            {
-                "uri": uris[i : i + page_rows],
-                "offset": [-1] * len(uris[i : i + page_rows]),
-                "size": [-1] * len(uris[i : i + page_rows]),
-                "image_id": ids[i : i + page_rows],
-            }
-        )
-        for i in range(0, len(uris), page_rows)
-    ]
+    return [listing_page(uris[i : i + page_rows]) for i in range(0, len(uris), page_rows)]
 
 
 def test_parts_skip_committed_rows_and_are_numbered_in_listing_order_across_pages():
@@ -37,7 +34,7 @@ def test_parts_skip_committed_rows_and_are_numbered_in_listing_order_across_page
     assert [p.num_rows for p in parts] == [10] * 6 + [6]
     assert table["part"].to_pylist() == [4 + i // 10 for i in range(len(todo))]
     assert progress.already_committed == 34 and progress.rows == len(todo) == 66
-    assert table.column_names == ["uri", "offset", "size", "part"]
+    assert table.schema == TODO_SCHEMA  # the image_id is left behind: the writer derives it
     # Fresh tables, not slices of a page: a part shipped to a worker carries only itself.
     assert all(p.column("uri").num_chunks == 1 for p in parts)
 

@@ -117,6 +117,8 @@ def _write_embeddings(
                 ),
                 "width": pa.array(np.full(n, 224), pa.int32()),
                 "height": pa.array(np.full(n, 224), pa.int32()),
+                "frame_time": pa.nulls(n, pa.float32()),
+                "frame_index": pa.nulls(n, pa.int32()),
             },
             schema=schemas.embeddings(dim),
         )

@@ -86,7 +86,7 @@ def test_lookup_gives_uris_sizes_and_the_map_embeddings(report_run):
     found = collect.lookup_embeddings(str(report_run), wanted, map_ids, remote=_remote(report_run))
     assert set(found.meta) == wanted
     assert all(found.meta[i][0] == images[i] for i in wanted)
-    assert all(w > 0 and h > 0 for _, w, h in found.meta.values())
+    assert all(w > 0 and h > 0 and t is None for _, w, h, t in found.meta.values())
     emb = pq.read_table(report_run / "embeddings", columns=["image_id", "embedding"]).to_pydict()
     vectors = dict(zip(emb["image_id"], emb["embedding"], strict=True))
     assert sorted(found.map_ids.tolist()) == map_ids.tolist()

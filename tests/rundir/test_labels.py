@@ -47,7 +47,10 @@ def test_failures_counted_over_every_part_and_listed_up_to_the_cap(tmp_path):
     ]
     for part, chunk in enumerate((rows[:15], rows[15:16], rows[16:])):
         uris, stages, errors = zip(*chunk, strict=True)
-        table = pa.table({"uri": uris, "stage": stages, "error": errors}, schema=schemas.FAILURES)
+        table = pa.table(
+            {"uri": uris, "stage": stages, "error": errors, "frame_time": [None] * len(uris)},
+            schema=schemas.FAILURES,
+        )
         _write(tmp_path, "failures", part, table)
 
     got = read_failures(str(tmp_path), limit=5, top=3)

@@ -71,8 +71,17 @@ def test_duplicates_round_trip(tmp_path):
 def test_index_ids(tmp_path):
     import pyarrow as pa
 
-    table = pa.table({"image_id": [11, 22], "uri": ["a.jpg", "b.jpg"]}, schema=schemas.INDEX_IDS)
+    table = pa.table(
+        {"image_id": [11, 22], "uri": ["a.jpg", "v.mp4"], "frame_time": [None, 30.0]},
+        schema=schemas.INDEX_IDS,
+    )
     storage.write_parquet(tables.index_file(str(tmp_path), tables.INDEX_IDS), table)
-    ids, uris = tables.read_index_ids(str(tmp_path))
-    assert ids.tolist() == [11, 22] and uris.to_pylist() == ["a.jpg", "b.jpg"]
+    ids, uris, times = tables.read_index_ids(str(tmp_path))
+    assert ids.tolist() == [11, 22] and uris.to_pylist() == ["a.jpg", "v.mp4"]
+    assert np.isnan(times[0]) and times[1] == 30.0
+    # An index built before videos were read: no frame_time column, every row a still image.
+    old = pa.table({"image_id": [11], "uri": ["a.jpg"]})
+    storage.write_parquet(tables.index_file(str(tmp_path), tables.INDEX_IDS), old)
+    ids, uris, times = tables.read_index_ids(str(tmp_path))
+    assert ids.tolist() == [11] and np.isnan(times).all()
     assert tables.index_file("s3://b/run", tables.INDEX_META) == "s3://b/run/index/meta.json"

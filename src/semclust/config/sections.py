@@ -114,6 +114,12 @@ class EmbedConfig:
     # that decode and model overlap from the second part on, large enough for few shards.
     rows_per_part: int = flag(256, "--rows-per-part", "rows per embeddings shard")
     max_image_pixels: int = 178_956_970  # decompression-bomb limit (Pillow's default x2)
+    # Videos in the input become one row per sampled frame (embed/video.py): one frame every
+    # frame_interval seconds from 0, or max_frames_per_video spread evenly over a longer video.
+    frame_interval: float = flag(30.0, "--frame-interval", "seconds between sampled video frames")
+    max_frames_per_video: int = flag(
+        500, "--max-frames-per-video", "most frames sampled from one video (spread evenly)"
+    )
     seed: int = 0  # for random weights; every actor builds the same model
     weights_sha256: str | None = None  # checked after a weights file is fetched from a URI
     # TensorFlow intra-op threads per actor; None: the actor's CPU claim on CPU, TF's own on GPU.
@@ -137,6 +143,12 @@ class EmbedConfig:
         if self.num_actors is not None:
             _positive("embed.num_actors", self.num_actors)
         _positive("embed.max_image_pixels", self.max_image_pixels)
+        _positive("embed.max_frames_per_video", self.max_frames_per_video)
+        if not 0.001 <= self.frame_interval <= 86_400:  # frame times are kept in milliseconds
+            raise ValueError(
+                f"embed.frame_interval must be between 0.001 and 86400 seconds, got "
+                f"{self.frame_interval}"
+            )
         _positive("embed.actor_num_cpus", self.actor_num_cpus, allow_zero=True)
         _positive("embed.decode_num_cpus", self.decode_num_cpus, allow_zero=True)
         if self.image_size is not None and self.image_size < 32:

@@ -18,6 +18,7 @@ from semclust.config import EmbedConfig
 from semclust.embed.backbones import get_backbone
 from semclust.embed.decode import decode_batch
 from semclust.embed.sources import read_image_bytes
+from semclust.embed.video import decode_video_rows
 from semclust.embed.writer import DEFERRED
 from semclust.retry import is_denied, is_transient, retry_call
 
@@ -149,30 +150,58 @@ def decode_stage(
 ) -> dict[str, np.ndarray]:
     """Ray Data CPU task: read bytes and decode a batch of URIs into fixed-size uint8 pixels.
 
-    ``batch``: ``uri``, ``offset``, ``size`` and the part's bookkeeping (``part``,
-    ``part_rows``: ``embed.todo``), passed through. Returns ``uri``, ``pixels`` (n, size, size,
-    3) uint8, ``width``/``height`` (n,) int32, ``error``/``error_stage`` ("" where the image is
-    fine) and the columns passed through.
+    ``batch``: ``uri``, ``offset``, ``size``, ``frame_time`` (NaN for a still image) and the
+    part's bookkeeping (``frame_index``, ``part``, ``part_rows``: ``embed.todo``), passed
+    through. Still images are read whole (threaded) and decoded by ``decode_batch``; the frames
+    of each video are decoded together (``video.decode_video_rows``, one open and in-order
+    seeks per video). Returns ``uri``, ``pixels`` (n, size, size, 3) uint8, ``width``/``height``
+    (n,) int32, ``error``/``error_stage`` ("" where the image is fine) and the columns passed
+    through.
     """
     uris = [str(u) for u in batch["uri"]]
-    items = list(zip(uris, batch["offset"].tolist(), batch["size"].tolist(), strict=True))
+    n = len(uris)
+    offsets, sizes = batch["offset"].tolist(), batch["size"].tolist()
+    frame_times = np.asarray(batch.get("frame_time", np.full(n, np.nan)), dtype=np.float64)
+    still = [i for i in range(n) if np.isnan(frame_times[i])]
+    videos: dict[tuple[str, int, int], list[int]] = {}
+    for i in range(n):
+        if not np.isnan(frame_times[i]):
+            videos.setdefault((uris[i], offsets[i], sizes[i]), []).append(i)
+    errors = np.full(n, "", dtype=object)
+    stages = np.full(n, "", dtype=object)
+    pixels = np.zeros((n, size, size, 3), dtype=np.uint8)
+    widths = np.zeros(n, dtype=np.int32)
+    heights = np.zeros(n, dtype=np.int32)
     # The pool's threads start with no storage settings: each read carries this task's.
     read = storage.carry(read_one)
-    with ThreadPoolExecutor(min(_READ_THREADS, max(1, len(uris)))) as pool:
-        reads = list(pool.map(read, items))
-    blobs = [b for b, _, _ in reads]
-    pixels, widths, heights, decode_errors = decode_batch(blobs, size, resize, max_pixels)
-    errors = np.empty(len(uris), dtype=object)
-    stages = np.empty(len(uris), dtype=object)
-    for i, ((_, read_error, transient), decode_error) in enumerate(
-        zip(reads, decode_errors, strict=True)
-    ):
-        if read_error:
-            errors[i], stages[i] = read_error, DEFERRED if transient else "read"
-        elif decode_error:
-            errors[i], stages[i] = decode_error, "decode"
-        else:
-            errors[i], stages[i] = "", ""
+    frames = storage.carry(decode_video_rows)
+    with ThreadPoolExecutor(min(_READ_THREADS, max(1, n))) as pool:
+        pending = {
+            key: pool.submit(
+                frames, *key, [float(frame_times[i]) for i in rows], size, resize, max_pixels
+            )
+            for key, rows in videos.items()
+        }
+        reads = list(pool.map(read, [(uris[i], offsets[i], sizes[i]) for i in still]))
+        if still:
+            blobs = [b for b, _, _ in reads]
+            px, w, h, decode_errors = decode_batch(blobs, size, resize, max_pixels)
+            pixels[still], widths[still], heights[still] = px, w, h
+            for j, ((_, read_error, transient), decode_error) in enumerate(
+                zip(reads, decode_errors, strict=True)
+            ):
+                if read_error:
+                    errors[still[j]] = read_error
+                    stages[still[j]] = DEFERRED if transient else "read"
+                elif decode_error:
+                    errors[still[j]], stages[still[j]] = decode_error, "decode"
+        for key, future in pending.items():
+            for i, frame in zip(videos[key], future.result(), strict=True):
+                if frame.error:
+                    errors[i] = frame.error
+                    stages[i] = DEFERRED if frame.transient else _video_stage(frame.error)
+                else:
+                    pixels[i], widths[i], heights[i] = frame.pixels, frame.width, frame.height
     # The part's bookkeeping (``part``, ``part_rows``) rides along to the writer unchanged.
     passed = {k: np.asarray(v) for k, v in batch.items() if k not in ("uri", "offset", "size")}
     return {
@@ -184,6 +213,10 @@ def decode_stage(
         "error": errors,
         "error_stage": stages,
     }
+
+
+def _video_stage(error: str) -> str:
+    return "read" if error.startswith("read failed") else "decode"
 
 
 class EmbedActor:

@@ -31,6 +31,7 @@ __all__ = [
     "ImageDecodeError",
     "decode_batch",
     "decode_image",
+    "fit_pixels",
 ]
 
 DEFAULT_MAX_PIXELS = 178_956_970  # == 2 * Pillow's default MAX_IMAGE_PIXELS
@@ -214,7 +215,7 @@ def _decode_pil(
                 ImageOps.exif_transpose(im, in_place=True)
             if im.size != drafted_size:  # orientations 5-8 transpose the axes
                 width, height = height, width
-            rgb = _flatten(_fit(_to_rgb_or_rgba(im), size, resize))
+            rgb = _fit_rgb(im, size, resize)
     except ImageDecodeError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -229,12 +230,23 @@ def _decode_pil(
         raise ImageDecodeError(f"cannot decode {fmt} image: out of memory") from exc
     except Exception as exc:
         raise ImageDecodeError(f"cannot decode {fmt} image: {type(exc).__name__}: {exc}") from exc
+    return rgb, width, height
 
+
+def _fit_rgb(im: Image.Image, size: int, resize: str) -> Image.Image:
+    """RGB(A) or any mode -> the (size, size) RGB picture the model sees."""
+    rgb = _flatten(_fit(_to_rgb_or_rgba(im), size, resize))
     if resize == "pad" and rgb.size != (size, size):
         canvas = Image.new("RGB", (size, size), PAD_COLOR)
         canvas.paste(rgb, ((size - rgb.width) // 2, (size - rgb.height) // 2))
         rgb = canvas
-    return rgb, width, height
+    return rgb
+
+
+def fit_pixels(im: Image.Image, size: int, resize: str) -> np.ndarray:
+    """An already decoded picture (a video frame) resized as ``decode_image`` resizes images:
+    (size, size, 3) uint8 RGB."""
+    return np.asarray(_fit_rgb(im, size, resize), dtype=np.uint8)
 
 
 def decode_image(

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import errno
 import os
-import tarfile
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -40,14 +39,15 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.fs as pafs
 
 from semclust import registry, storage
 from semclust.embed.formats import is_image_candidate
+from semclust.embed.members import tar_member_parts
+from semclust.embed.video import Sampling, frame_rows, has_video_extension, sniff_video_format
 from semclust.retry import is_transient, retry_call
+from semclust.rundir.frames import UNREADABLE_VIDEO
 
 _SNIFF_BYTES = 64
-TAR_SUFFIXES = (".tar",)
 PAGE_SIZE = storage.LIST_PAGE_SIZE  # rows per listing page (and S3 keys per request)
 
 PAGE_SCHEMA = pa.schema(
@@ -56,6 +56,10 @@ PAGE_SCHEMA = pa.schema(
         ("offset", pa.int64()),
         ("size", pa.int64()),
         ("image_id", pa.int64()),
+        # A video's frames (rundir/frames.py): seconds from its start and the frame's number;
+        # NaN and -1 for a still image (frames.UNREADABLE_VIDEO: a video that could not be read).
+        ("frame_time", pa.float32()),
+        ("frame_index", pa.int32()),
     ]
 )
 
@@ -153,6 +157,8 @@ def listing_page(
             "offset": pa.array(offsets if offsets is not None else [-1] * n, pa.int64()),
             "size": pa.array(sizes if sizes is not None else [-1] * n, pa.int64()),
             "image_id": pa.array(ids_for(uris), pa.int64()),
+            "frame_time": pa.array(np.full(n, np.nan, dtype=np.float32)),
+            "frame_index": pa.array(np.full(n, -1, dtype=np.int32)),
         },
         schema=PAGE_SCHEMA,
     )
@@ -174,14 +180,30 @@ class InputStream:
     Counts grow while the pages are consumed: ``listed`` (unique images yielded so far),
     ``skipped`` (files that are not images), ``duplicates`` (repeated URIs, yielded once),
     ``pages`` (pages yielded), ``seconds`` (wall time spent listing, set when it ends).
+
+    ``sampling`` (``video.Sampling``): list videos too, one row per sampled frame (folders and
+    prefixes find them by extension or content, manifests and tars by extension); each video is
+    probed here for its duration (``video.probe``: its header, by ranged reads). Counted in
+    ``videos`` (listed), ``video_frames`` (their frame rows) and ``videos_unreadable`` (listed as
+    one row that becomes a failure). Without it, videos are not images: skipped in folders.
     """
 
     def __init__(
-        self, input_uri: str, *, page_size: int = PAGE_SIZE, s3_client: Any = None
+        self,
+        input_uri: str,
+        *,
+        page_size: int = PAGE_SIZE,
+        s3_client: Any = None,
+        sampling: Sampling | None = None,
     ) -> None:
         self.input_uri = input_uri
         self.page_size = page_size
         self.s3_client = s3_client
+        self.sampling = sampling
+        self.videos = 0
+        self.video_frames = 0
+        self.videos_unreadable = 0
+        self._sniffed_videos: set[str] = set()
         self.listed = 0
         self.skipped = 0
         self.duplicates = 0
@@ -196,6 +218,8 @@ class InputStream:
         busy = 0.0  # time inside the listing, not in the consumer
         t0 = time.perf_counter()
         for table in input_kind(self.input_uri).pages(self, self.input_uri):
+            if self.sampling is not None and table.num_rows:
+                table = self._expand_videos(table)
             if table.num_rows == 0:
                 continue
             mask = self._ids.add_new(table.column("image_id").to_numpy())
@@ -204,6 +228,7 @@ class InputStream:
                 table = table.filter(pa.array(mask))
             if table.num_rows == 0:
                 continue
+            self._count_videos(table)
             self.listed += table.num_rows
             self.pages_yielded += 1
             busy += time.perf_counter() - t0
@@ -211,6 +236,28 @@ class InputStream:
             t0 = time.perf_counter()
         self.seconds = busy + time.perf_counter() - t0
         self.done = True
+
+    def _expand_videos(self, table: pa.Table) -> pa.Table:
+        """The page with each video's row replaced by its sampled frames' rows (in time order),
+        or by one ``UNREADABLE_VIDEO`` row when it cannot be probed (its decode task records
+        why). A store that stays away is raised, as for a listing request."""
+        uris = table.column("uri").to_pylist()
+        sniffed = self._sniffed_videos
+        videos = [i for i, u in enumerate(uris) if has_video_extension(u) or u in sniffed]
+        self._sniffed_videos.clear()
+        if not videos:
+            return table
+        return frame_rows(table, videos, self.sampling)
+
+    def _count_videos(self, table: pa.Table) -> None:
+        if self.sampling is None:
+            return
+        index = table.column("frame_index").to_numpy()
+        times = table.column("frame_time").to_numpy()
+        unreadable = int((times == UNREADABLE_VIDEO).sum())
+        self.videos += int((index == 0).sum()) + unreadable
+        self.video_frames += int((index >= 0).sum())
+        self.videos_unreadable += unreadable
 
     def listed_ids(self) -> np.ndarray:
         """Sorted ids of every image yielded so far."""
@@ -224,12 +271,15 @@ class InputStream:
         for uri, size in zip(
             files.column("uri").to_pylist(), files.column("size").to_pylist(), strict=True
         ):
-            if is_image_candidate(uri):
+            if is_image_candidate(uri) or (self.sampling is not None and has_video_extension(uri)):
                 uris.append(uri)
                 continue
             head = _head(uri, size)
             if head is None or is_image_candidate(uri, head):
                 uris.append(uri)
+            elif self.sampling is not None and sniff_video_format(head):
+                uris.append(uri)
+                self._sniffed_videos.add(uri)
             else:
                 self.skipped += 1
         return listing_page(uris)
@@ -294,53 +344,6 @@ def list_images(input_uri: str) -> Listing:
 
 
 # --- reading an image ----------------------------------------------------------------------------
-
-
-def tar_member_parts(uri: str, offset: int = -1, size: int = -1) -> tuple[str, str]:
-    """(tar URI, member name) of a member URI ``<tar URI>#<member name>``.
-
-    Either part may contain ``#``, so the split is at a ``#`` that follows a tar suffix
-    (``TAR_SUFFIXES``): the tar's URI ends with one, and a ``#`` inside a name (``a#b.tar``,
-    ``x#1.jpg``) does not follow one. Only a tar whose own URI has such a pair inside
-    (``x.tar#y.tar``) leaves several candidates: then the member's byte range, which travels
-    with its row, decides (see ``_member_evidence``); this costs requests for such names only.
-    """
-    cuts = [i for i, ch in enumerate(uri) if ch == "#" and uri[:i].lower().endswith(TAR_SUFFIXES)]
-    if not cuts:
-        raise ValueError(f"{uri!r} is not a tar member URI (<tar URI>#<member name>)")
-    cut = cuts[0]
-    if len(cuts) > 1:
-        files = [i for i in cuts if _is_file(uri[:i])] or cuts
-        # max() keeps the first of equals: the shortest tar URI when nothing tells them apart.
-        cut = max(files, key=lambda i: _member_evidence(uri[:i], uri[i + 1 :], offset, size))
-    return uri[:cut], uri[cut + 1 :]
-
-
-def _is_file(uri: str) -> bool:
-    fs, path = storage.resolve(uri)
-    try:
-        return fs.get_file_info(path).type == pafs.FileType.File
-    except OSError:
-        return False
-
-
-def _member_evidence(tar_uri: str, member: str, offset: int, size: int) -> int:
-    """How well the 512 bytes before ``offset`` in the tar match the member: tar puts a member's
-    header block right before its data. 2: a valid header (checksum) for ``size`` bytes naming
-    the member; 1: for ``size`` bytes (a long or non-ASCII name is not in that block in full);
-    0: no such header."""
-    if offset < tarfile.BLOCKSIZE or size < 0:
-        return 0
-    fs, path = storage.resolve(tar_uri)
-    try:
-        with fs.open_input_file(path) as f:
-            block = f.read_at(tarfile.BLOCKSIZE, offset - tarfile.BLOCKSIZE)
-        header = tarfile.TarInfo.frombuf(block, "utf-8", "surrogateescape")
-    except (OSError, tarfile.TarError):
-        return 0
-    if header.size != size:
-        return 0
-    return 2 if header.name == member else 1
 
 
 def _refuse_directory(uri: str) -> None:

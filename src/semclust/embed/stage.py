@@ -36,9 +36,11 @@ from semclust.embed.actors import EmbedActor, EmbedderSpec, decode_stage
 from semclust.embed.backbones import get_backbone
 from semclust.embed.sources import InputStream
 from semclust.embed.todo import TodoPart, TodoProgress, todo_dataset, todo_dir, write_todo
+from semclust.embed.video import Sampling
 from semclust.embed.writer import check_counts, commit_batch, committed_state
 from semclust.errors import UserError
 from semclust.rundir import layout
+from semclust.rundir.frames import read_with_frame_times
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +48,9 @@ LIST_PAGE_SIZE = storage.LIST_PAGE_SIZE  # listing page (S3 keys per request); a
 
 # What decides the embeddings: a resume into a run made with other values would mix two models.
 MODEL_SETTINGS = ("backbone", "weights", "image_size", "resize", "normalize")
+# What decides which frames of a video are rows: a resume with others would mix two samplings.
+# Checked only against records that have them (runs from before videos were read do not).
+SAMPLING_SETTINGS = ("frame_interval", "max_frames_per_video")
 
 
 _LOG_SECONDS = 10.0  # progress lines at most this often
@@ -67,14 +72,14 @@ def settings(ctx: RunContext) -> dict[str, Any]:
     if not ec.input:
         raise UserError("the embed stage needs an input: pass a folder, file:// or s3:// URI")
     _validate_weights(ec)
-    chosen = {key: getattr(ec, key) for key in MODEL_SETTINGS}
+    chosen = {key: getattr(ec, key) for key in MODEL_SETTINGS + SAMPLING_SETTINGS}
     if ctx.mode == "resume":
         _check_resume_compatible(ctx, chosen)
     # The listing's first page is taken here, so that an input without images (or one that
     # cannot be read) stops before run_stage changes the run directory; run() goes on with the
     # same stream (for tar shards, the first page costs every tar's name and the first tar's
     # headers).
-    stream, pages = _open_listing(ec.input)
+    stream, pages = _open_listing(ec)
     ctx.state["listing"] = _OpenListing(ctx, stream, pages)
     return chosen
 
@@ -88,7 +93,7 @@ def run(ctx: RunContext) -> dict[str, Any]:
     if opened is not None and opened.ctx is ctx:
         stream, pages = opened.stream, opened.pages
     else:  # run() without settings() on this context
-        stream, pages = _open_listing(str(ec.input))
+        stream, pages = _open_listing(ec)
     done, next_part = committed_state(ctx.run_dir)
     log.info(
         "embed: %d images already committed in %s; listing %s", len(done), ctx.run_dir, ec.input
@@ -128,6 +133,7 @@ def run(ctx: RunContext) -> dict[str, Any]:
         "parts_this_run": len(parts),
         "listing_pages": stream.pages_yielded,
         "listing_seconds": round(stream.seconds or 0.0, 3),
+        **_video_record(ctx.run_dir, stream),
         "dim": get_backbone(ec.backbone).dim,
         "embedder": asdict(spec),
         "images_per_second": round(processed / seconds, 2) if processed else None,
@@ -279,10 +285,42 @@ def _pipeline(
     )
 
 
-def _open_listing(input_uri: str) -> tuple[InputStream, Iterator[pa.Table]]:
+def _video_record(run_dir: str, stream: InputStream) -> dict[str, Any]:
+    """run.json's ``videos`` (only when the input had any): videos listed and unreadable, and
+    their frame rows listed, embedded and failed, counted from the committed shards, so that
+    listed = embedded + failed holds for frames as for rows. Costs one column of each shard."""
+    if not stream.videos:
+        return {}
+    counts = {}
+    for folder in (layout.EMBEDDINGS, layout.FAILURES):
+        counts[folder] = sum(
+            _frame_rows(uri) for uri in storage.list_shards(storage.join(run_dir, folder))
+        )
+    embedded, failed = counts[layout.EMBEDDINGS], counts[layout.FAILURES]
+    return {
+        "videos": {
+            "listed": stream.videos,
+            "unreadable": stream.videos_unreadable,
+            "frames_listed": stream.video_frames,
+            "frames_embedded": embedded,
+            "frames_failed": failed,
+        }
+    }
+
+
+def _frame_rows(shard_uri: str) -> int:
+    """Rows of a shard that are video frames (0 for a shard from before videos were read)."""
+    table = read_with_frame_times(shard_uri, [])
+    times = table.column("frame_time").to_numpy(zero_copy_only=False)
+    return int((times >= 0).sum())  # nulls (NaN) are still images
+
+
+def _open_listing(ec: EmbedConfig) -> tuple[InputStream, Iterator[pa.Table]]:
     """The input's stream and its pages, the first one already fetched (errors in the input
     stop here)."""
-    stream = InputStream(input_uri, page_size=LIST_PAGE_SIZE)
+    input_uri = str(ec.input)
+    sampling = Sampling(ec.frame_interval, ec.max_frames_per_video)
+    stream = InputStream(input_uri, page_size=LIST_PAGE_SIZE, sampling=sampling)
     pages = stream.pages()
     first_page = next(pages, None)
     if first_page is None:
@@ -315,6 +353,7 @@ def _check_resume_compatible(ctx: RunContext, chosen: dict[str, Any]) -> None:
     if not before:
         return
     changed = [k for k in MODEL_SETTINGS if before.get(k) != chosen[k]]
+    changed += [k for k in SAMPLING_SETTINGS if k in before and before[k] != chosen[k]]
     if changed and storage.list_shards(storage.join(ctx.run_dir, layout.EMBEDDINGS)):
         detail = ", ".join(f"{k}: {before.get(k)!r} -> {chosen[k]!r}" for k in changed)
         raise UserError(

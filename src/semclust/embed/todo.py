@@ -28,9 +28,17 @@ from semclust import storage
 from semclust.embed.sources import isin_sorted
 from semclust.rundir import layout
 
-# A part of the to-do list: the URI, a tar member's byte range, its part number.
+# A part of the to-do list: the URI, a tar member's byte range, a video frame's time and number
+# (NaN and -1 for a still image: ``sources.PAGE_SCHEMA``), its part number.
 TODO_SCHEMA = pa.schema(
-    [("uri", pa.string()), ("offset", pa.int64()), ("size", pa.int64()), ("part", pa.int64())]
+    [
+        ("uri", pa.string()),
+        ("offset", pa.int64()),
+        ("size", pa.int64()),
+        ("frame_time", pa.float32()),
+        ("frame_index", pa.int32()),
+        ("part", pa.int64()),
+    ]
 )
 
 _WRITERS = 8  # to-do parts written at once: object-store writes are latency-bound
@@ -71,7 +79,7 @@ def cut_parts(
     part = next_part
 
     def numbered(table: pa.Table) -> pa.Table:
-        block = table.select(["uri", "offset", "size"]).combine_chunks()
+        block = table.select(TODO_SCHEMA.names[:-1]).combine_chunks()
         column = pa.array(np.full(block.num_rows, part, dtype=np.int64))
         return block.append_column("part", column)
 

@@ -18,9 +18,9 @@ import numpy as np
 import pyarrow as pa
 
 from semclust import storage
-from semclust.embed.sources import ids_for, isin_sorted
+from semclust.embed.sources import isin_sorted
 from semclust.errors import StoreUnavailable
-from semclust.rundir import layout, schemas
+from semclust.rundir import frames, layout, schemas
 
 log = logging.getLogger(__name__)
 
@@ -108,12 +108,25 @@ def commit_batch(
     return PartCommitter(run_dir, dim, lock_token)(batch)
 
 
+def _frames(cols: dict[str, np.ndarray], rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(frame_time float32, frame_index int32) of the rows: NaN and -1 for still images."""
+    n = int(rows.sum())
+    times = cols.get("frame_time")
+    index = cols.get("frame_index")
+    return (
+        np.full(n, np.nan, np.float32) if times is None else times[rows].astype(np.float32),
+        np.full(n, -1, np.int32) if index is None else index[rows].astype(np.int32),
+    )
+
+
 def _failures(cols: dict[str, np.ndarray], rows: np.ndarray) -> pa.Table:
+    times, _ = _frames(cols, rows)
     return pa.table(
         {
             "uri": pa.array(cols["uri"].astype(object)[rows].tolist(), pa.string()),
             "stage": pa.array(cols["error_stage"][rows].astype(object).tolist(), pa.string()),
             "error": pa.array(cols["error"].astype(object)[rows].tolist(), pa.string()),
+            "frame_time": frames.as_nullable(times),
         },
         schema=schemas.FAILURES,
     )
@@ -122,13 +135,16 @@ def _failures(cols: dict[str, np.ndarray], rows: np.ndarray) -> pa.Table:
 def _embeddings(cols: dict[str, np.ndarray], rows: np.ndarray, dim: int) -> pa.Table:
     emb = np.ascontiguousarray(cols["embedding"][rows], dtype=np.float32).reshape(-1, dim)
     uris = cols["uri"].astype(object)[rows].tolist()
+    times, index = _frames(cols, rows)
     return pa.table(
         {
-            "image_id": pa.array([storage.image_id_for(u) for u in uris], pa.int64()),
+            "image_id": pa.array(frames.row_ids(uris, times.tolist()), pa.int64()),
             "uri": pa.array(uris, pa.string()),
             "embedding": pa.FixedSizeListArray.from_arrays(pa.array(emb.ravel()), dim),
             "width": pa.array(cols["width"][rows].astype(np.int32)),
             "height": pa.array(cols["height"][rows].astype(np.int32)),
+            "frame_time": frames.as_nullable(times),
+            "frame_index": pa.array(index, pa.int32(), mask=index < 0),
         },
         schema=schemas.embeddings(dim),
     )
@@ -155,8 +171,14 @@ def _shard_ids(run_dir: str) -> tuple[list[np.ndarray], list[np.ndarray], list[s
         if _part_number(uri) not in committed_parts:
             orphans.append(uri)
             continue
-        fail_ids.append(ids_for(storage.read_parquet(uri, ["uri"])["uri"].to_pylist()))
+        fail_ids.append(frames.table_row_ids(_read_failure_keys(uri)))
     return emb_ids, fail_ids, orphans, committed_parts
+
+
+def _read_failure_keys(uri: str) -> pa.Table:
+    """A failures shard's ``uri`` and, when it has one (shards from before videos had none),
+    ``frame_time``: what a failure row's image id is made of."""
+    return storage.read_parquet(uri)  # small (failed rows only), so whole: one request
 
 
 def committed_state(run_dir: str) -> tuple[np.ndarray, int]:

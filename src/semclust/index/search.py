@@ -47,6 +47,14 @@ class Hit:
     image_id: int
     uri: str
     similarity: float
+    frame_time: float | None = None  # a video frame's time (seconds); None for a still image
+
+    @property
+    def label(self) -> str:
+        """The URI, with ``@ m:ss.s`` for a video frame."""
+        from semclust.rundir.frames import frame_label
+
+        return frame_label(self.uri, self.frame_time)
 
 
 class SearchIndex:
@@ -114,7 +122,7 @@ class SearchIndex:
         rerank = self.meta.get("rerank")
         self.rerank_vectors = load_vectors(index_file(run_dir, rerank["file"])) if rerank else None
         self.rerank_factor = int(rerank["factor"]) if rerank else 1
-        self.image_ids, chunked_uris = read_index_ids(run_dir)
+        self.image_ids, chunked_uris, self.frame_times = read_index_ids(run_dir)
         # One array with 64-bit offsets: ``take`` of a few rows is then a few lookups, where on
         # the chunked column it costs a pass over every chunk (7 ms a query at 10^6 rows).
         self.uris = chunked_uris.cast(pa.large_string()).combine_chunks()
@@ -154,12 +162,16 @@ class SearchIndex:
         valid = rows >= 0
         uris = self.uris.take(rows[valid]).to_pylist()
         ids = self.image_ids[rows[valid]]
+        times = self.frame_times[rows[valid]]
         out: list[list[Hit]] = []
         pos = 0
         for row_valid, row_sims in zip(valid, sims, strict=True):
             hits = []
             for rank, sim in enumerate(row_sims[row_valid]):
-                hits.append(Hit(rank + 1, int(ids[pos]), uris[pos], float(sim)))
+                t = float(times[pos])
+                hits.append(
+                    Hit(rank + 1, int(ids[pos]), uris[pos], float(sim), None if t != t else t)
+                )
                 pos += 1
             out.append(hits)
         return out

@@ -46,7 +46,9 @@ from semclust.index.faiss_ops import (
     task_resources,
 )
 from semclust.index.rerank import load_vectors, search_rows, vectors_writer
+from semclust.rundir import schemas
 from semclust.rundir.embeddings import ShardSet, sample_rows
+from semclust.rundir.frames import read_with_frame_times
 from semclust.rundir.layout import INDEX
 from semclust.rundir.tables import (
     INDEX_FILE,
@@ -249,7 +251,9 @@ def build_and_store(
             spec, shards, train_rows=rows, seed=ic.seed, gpus=gpus, on_shard=keep
         )
     stats["file_bytes"] = store_index(index, index_file(run_dir, INDEX_FILE))
-    id_tables = [storage.read_parquet(u, ["image_id", "uri"]) for u in shards.uris]
+    id_tables = [
+        read_with_frame_times(u, ["image_id", "uri"]).cast(schemas.INDEX_IDS) for u in shards.uris
+    ]
     storage.write_parquet(index_file(run_dir, INDEX_IDS), pa.concat_tables(id_tables))
     stats["gpus"] = gpus
     reranker = None

@@ -74,7 +74,7 @@ def build_report(
     shown = _gather(run_dir, model.centroids, opts, remote, timings)
     embed_config = info.get("config", {}).get("embed") or {}
     max_pixels = int(embed_config.get("max_image_pixels") or DEFAULT_MAX_PIXELS)
-    images = {m.image_id: m.uri for m in shown.members}
+    images = {m.image_id: (m.uri, m.frame_time) for m in shown.members}
     thumbs = make_thumbnails(
         images, out, opts.thumb_size, opts.thumbs_per_task, max_pixels, remote=remote
     )
@@ -160,7 +160,7 @@ def _gather(
         found = collect.lookup_embeddings(run_dir, shown_ids, summary.map_ids, remote=remote)
     timings["lookup"] = t["seconds"]
     for m in members:
-        m.uri, m.width, m.height = found.meta[m.image_id]
+        m.uri, m.width, m.height, m.frame_time = found.meta[m.image_id]
         if labels is not None and m.image_id in labels.per_image:
             m.label, m.confidence = labels.per_image[m.image_id]
     return Shown(summary, neighbours, duplicates, labels, members, found)

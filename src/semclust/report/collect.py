@@ -21,6 +21,7 @@ import pyarrow.compute as pc
 from semclust import storage
 from semclust.errors import UserError
 from semclust.report.sampling import hash_key, key_threshold, smallest_per_group
+from semclust.rundir.frames import read_with_frame_times
 from semclust.rundir.layout import ASSIGNMENTS, EMBEDDINGS
 
 log = logging.getLogger(__name__)
@@ -93,16 +94,17 @@ def lookup_embeddings_shard(
         "uri": [],
         "width": np.zeros(0, np.int32),
         "height": np.zeros(0, np.int32),
+        "frame_time": [],
         "map_id": ids[on_map],
         "map_vec": None,
     }
     if want.any():
-        meta = storage.read_parquet(shard_uri, columns=["uri", "width", "height"]).filter(
-            pa.array(want)
-        )
+        columns = ["uri", "width", "height"]
+        meta = read_with_frame_times(shard_uri, columns).filter(pa.array(want))
         out["uri"] = meta.column("uri").to_pylist()
         out["width"] = meta.column("width").to_numpy().astype(np.int32)
         out["height"] = meta.column("height").to_numpy().astype(np.int32)
+        out["frame_time"] = meta.column("frame_time").to_pylist()
     if on_map.any():
         col = (
             storage.read_parquet(shard_uri, columns=["embedding"])
@@ -128,6 +130,7 @@ class Member:
     uri: str = ""
     width: int = 0
     height: int = 0
+    frame_time: float | None = None  # a video frame's time (seconds); None for a still image
     label: str | None = None
     confidence: float | None = None
 
@@ -236,7 +239,7 @@ def _galleries(
 class EmbeddingLookup:
     """URIs and sizes of the shown images, and the map sample's embeddings."""
 
-    meta: dict[int, tuple[str, int, int]]  # image_id -> (uri, width, height)
+    meta: dict[int, tuple[str, int, int, float | None]]  # id -> (uri, width, height, frame_time)
     map_ids: np.ndarray  # int64 (m,)
     map_vectors: np.ndarray  # float32 (m, D)
 
@@ -258,10 +261,11 @@ def lookup_embeddings(
         [(u, wanted_ref, map_ref) for u in shards],
         "report: looking up images and the map sample in embeddings shards",
     )
-    meta: dict[int, tuple[str, int, int]] = {}
+    meta: dict[int, tuple[str, int, int, float | None]] = {}
     for p in parts:
-        for image_id, uri, w, h in zip(p["id"], p["uri"], p["width"], p["height"], strict=True):
-            meta[int(image_id)] = (uri, int(w), int(h))
+        rows = zip(p["id"], p["uri"], p["width"], p["height"], p["frame_time"], strict=True)
+        for image_id, uri, w, h, t in rows:
+            meta[int(image_id)] = (uri, int(w), int(h), t)
     found = [(p["map_id"], p["map_vec"]) for p in parts if p["map_vec"] is not None]
     if found:
         ids = np.concatenate([f[0] for f in found])

@@ -19,11 +19,14 @@ from semclust.report.views import (
     member_score,
     page_name,
 )
+from semclust.rundir.frames import clock, frame_label
 
 
 def figure(view: ReportView, m: Member, prefix: str = "") -> str:
     caption = view.display.uri(m.uri) if m.uri else str(m.image_id)
     name = posixpath.basename(caption) or caption
+    if m.frame_time is not None:  # a video frame: the video's name and the frame's time
+        caption = name = f"{name} @ {clock(m.frame_time)}"
     lines = [esc(name)]
     score = member_score(view, m)
     if score:
@@ -32,6 +35,8 @@ def figure(view: ReportView, m: Member, prefix: str = "") -> str:
         conf = f" {m.confidence:.2f}" if m.confidence is not None else ""
         lines.append(f"<b>{esc(m.label)}</b>{esc(conf)}")
     title = view.display.full(m.uri) if m.uri else str(m.image_id)
+    if m.frame_time is not None:
+        title = frame_label(title, m.frame_time)
     rel, error = view.thumbs.get(m.image_id, (None, "no thumbnail was made"))
     if rel is None:
         pic = (

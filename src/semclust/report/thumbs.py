@@ -14,9 +14,11 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from semclust import storage
 from semclust.embed.decode import DEFAULT_MAX_PIXELS, decode_image
+from semclust.embed.video import decode_video_rows
 from semclust.report.collect import Remote
 from semclust.report.files import write_file
 
@@ -42,30 +44,48 @@ def thumb_size(width: int, height: int, box: int) -> tuple[int, int]:
 
 def make_thumbnail(data: bytes, box: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> bytes:
     """JPEG bytes of an image fitted into ``box`` x ``box`` pixels, aspect ratio kept."""
+    decoded = decode_image(data, box, resize="pad", max_pixels=max_pixels)
+    return _thumbnail_jpeg(decoded.pixels, decoded.width, decoded.height, box)
+
+
+def make_frame_thumbnail(
+    uri: str, frame_time: float, box: int, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> bytes:
+    """JPEG bytes of a video's frame at ``frame_time`` (decoded as the embed stage does)."""
+    frame = decode_video_rows(uri, -1, -1, [frame_time], box, "pad", max_pixels)[0]
+    if frame.error or frame.pixels is None:
+        raise ValueError(frame.error or "no frame")
+    return _thumbnail_jpeg(frame.pixels, frame.width, frame.height, box)
+
+
+def _thumbnail_jpeg(pixels: Any, width: int, height: int, box: int) -> bytes:
     from PIL import Image
 
-    decoded = decode_image(data, box, resize="pad", max_pixels=max_pixels)
     # "pad" centres the fitted image on a square canvas: cut the letterbox bars off again.
-    w, h = thumb_size(decoded.width, decoded.height, box)
+    w, h = thumb_size(width, height, box)
     left, top = (box - w) // 2, (box - h) // 2
-    img = Image.fromarray(decoded.pixels).crop((left, top, left + w, top + h))
+    img = Image.fromarray(pixels).crop((left, top, left + w, top + h))
     buf = io.BytesIO()
     img.save(buf, "JPEG", quality=_JPEG_QUALITY, optimize=True)
     return buf.getvalue()
 
 
 def thumbnail_batch(
-    items: Sequence[tuple[int, str]], report_uri: str, box: int, max_pixels: int
+    items: Sequence[tuple[int, str, float | None]], report_uri: str, box: int, max_pixels: int
 ) -> list[tuple[int, str]]:
-    """Ray task: make and write the thumbnails of (image_id, uri) pairs.
+    """Ray task: make and write the thumbnails of (image_id, uri, frame_time) rows (frame_time
+    None for a still image).
 
     Returns (image_id, error) for each image whose thumbnail could not be made; an unreadable
     original costs its own thumbnail, never the batch.
     """
     errors: list[tuple[int, str]] = []
-    for image_id, uri in items:
+    for image_id, uri, frame_time in items:
         try:
-            jpeg = make_thumbnail(storage.read_bytes(uri), box, max_pixels)
+            if frame_time is None:
+                jpeg = make_thumbnail(storage.read_bytes(uri), box, max_pixels)
+            else:
+                jpeg = make_frame_thumbnail(uri, frame_time, box, max_pixels)
         except Exception as exc:  # the report shows the reason in place of the picture
             errors.append((image_id, f"{type(exc).__name__}: {exc}"))
             continue
@@ -95,7 +115,7 @@ def existing_thumbnails(report_uri: str) -> set[str]:
 
 
 def make_thumbnails(
-    images: dict[int, str],
+    images: dict[int, tuple[str, float | None]],
     report_uri: str,
     box: int,
     per_task: int,
@@ -103,13 +123,13 @@ def make_thumbnails(
     *,
     remote: Remote,
 ) -> ThumbnailResult:
-    """Make the missing thumbnails of ``images`` (image_id -> original URI) in Ray tasks made
-    by ``remote`` (``RunContext.remote``)."""
+    """Make the missing thumbnails of ``images`` (image_id -> (original URI, frame time or None))
+    in Ray tasks made by ``remote`` (``RunContext.remote``)."""
     import ray
 
     start = time.perf_counter()
     have = existing_thumbnails(report_uri)
-    todo = sorted((i, u) for i, u in images.items() if thumb_relpath(i) not in have)
+    todo = sorted((i, u, t) for i, (u, t) in images.items() if thumb_relpath(i) not in have)
     result = ThumbnailResult(reused=len(images) - len(todo))
     if todo:
         log.info(

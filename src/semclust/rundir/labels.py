@@ -11,6 +11,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from semclust import storage
+from semclust.rundir.frames import frame_label
 from semclust.rundir.layout import FAILURES, LABELS
 
 LABEL_COLUMNS = ("image_id", "label", "confidence", "source")
@@ -48,7 +49,7 @@ def read_failures(run_dir: str, limit: int, top: int = 20) -> FailureSummary:
     first: list[tuple[str, str, str]] = []
     total = 0
     for uri in storage.list_shards(storage.join(run_dir, FAILURES)):
-        table = storage.read_parquet(uri, ["uri", "stage", "error"])
+        table = storage.read_parquet(uri)  # uri, stage, error (+ frame_time since videos)
         total += table.num_rows
         for row in table.group_by(["stage", "error"]).aggregate([("uri", "count")]).to_pylist():
             stage, error = row["stage"] or "", row["error"] or ""
@@ -56,7 +57,10 @@ def read_failures(run_dir: str, limit: int, top: int = 20) -> FailureSummary:
             reasons[stage, error] += row["uri_count"]
         order = pc.sort_indices(table, [("uri", "ascending")])[:limit]
         rows = table.take(order).to_pylist()
-        first += [(r["uri"] or "", r["stage"] or "", r["error"] or "") for r in rows]
+        first += [
+            (frame_label(r["uri"] or "", r.get("frame_time")), r["stage"] or "", r["error"] or "")
+            for r in rows
+        ]
         first = sorted(first)[:limit]
     ranked = sorted(reasons.items(), key=lambda r: (-r[1], r[0]))
     return FailureSummary(

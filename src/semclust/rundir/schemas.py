@@ -13,11 +13,23 @@ def embeddings(dim: int) -> pa.Schema:
             ("embedding", pa.list_(pa.float32(), dim)),
             ("width", pa.int32()),
             ("height", pa.int32()),
+            # A video frame's time (seconds) and number in its video; null for a still image
+            # (rundir/frames.py). Shards written before videos were read lack both columns.
+            ("frame_time", pa.float32()),
+            ("frame_index", pa.int32()),
         ]
     )
 
 
-FAILURES = pa.schema([("uri", pa.string()), ("stage", pa.string()), ("error", pa.string())])
+# frame_time: a failed video frame's time; null for an image or a video that could not be read.
+FAILURES = pa.schema(
+    [
+        ("uri", pa.string()),
+        ("stage", pa.string()),
+        ("error", pa.string()),
+        ("frame_time", pa.float32()),
+    ]
+)
 
 ASSIGNMENTS = pa.schema(
     [
@@ -51,4 +63,7 @@ LABELS = pa.schema(
     ]
 )
 
-INDEX_IDS = pa.schema([("image_id", pa.int64()), ("uri", pa.string())])
+# frame_time: a video frame's time (null for a still image; absent in indexes built before).
+INDEX_IDS = pa.schema(
+    [("image_id", pa.int64()), ("uri", pa.string()), ("frame_time", pa.float32())]
+)

@@ -167,10 +167,14 @@ def index_file(run_dir: str, name: str) -> str:
     return storage.join(run_dir, INDEX, name)
 
 
-def read_index_ids(run_dir: str) -> tuple[np.ndarray, pa.ChunkedArray]:
-    """(image ids int64 (n,), URIs string (n,)) of index rows 0..n-1 (``index/ids.parquet``).
+def read_index_ids(run_dir: str) -> tuple[np.ndarray, pa.ChunkedArray, np.ndarray]:
+    """(image ids int64 (n,), URIs string (n,), frame times float32 (n,): NaN for a still image)
+    of index rows 0..n-1 (``index/ids.parquet``; one built before videos has no frame times).
 
     The URIs stay chunked (``take`` works across chunks): one string array of 10^7 URIs can
     pass the 2 GiB a string array's offsets can address."""
-    table = storage.read_parquet(index_file(run_dir, INDEX_IDS), ["image_id", "uri"])
-    return table.column("image_id").to_numpy(), table.column("uri")
+    from semclust.rundir.frames import read_with_frame_times
+
+    table = read_with_frame_times(index_file(run_dir, INDEX_IDS), ["image_id", "uri"])
+    times = table.column("frame_time").to_numpy(zero_copy_only=False).astype(np.float32)
+    return table.column("image_id").to_numpy(), table.column("uri"), times

@@ -233,6 +233,7 @@ class RunCatalog:
                     # The id as text for JavaScript, whose numbers hold 53 bits, not 63.
                     "image_ref": str(image_id),
                     "uri": uri,
+                    "frame_time": self.frame_time_of_row(row),
                     "cluster": cluster if cluster >= 0 else None,
                     "label": self.label_names[code] if code >= 0 else None,
                 }
@@ -241,6 +242,14 @@ class RunCatalog:
 
     def image_uri(self, image_id: int) -> str:
         return str(self.index.uris[self.row_of(image_id)].as_py())
+
+    def frame_time_of_row(self, row: int) -> float | None:
+        """A video frame's time (seconds), None for a still image."""
+        t = float(self.index.frame_times[row])
+        return None if t != t else t  # NaN: a still image
+
+    def frame_time(self, image_id: int) -> float | None:
+        return self.frame_time_of_row(self.row_of(image_id))
 
     # --- clusters ------------------------------------------------------------------------------
 
@@ -347,7 +356,21 @@ class RunCatalog:
     # --- images and neighbours -----------------------------------------------------------------
 
     def image_bytes(self, image_id: int) -> bytes:
+        """The original's bytes; for a video frame, the frame as a JPEG at the video's size (at
+        most 1024 px)."""
         uri = self.image_uri(image_id)
+        frame_time = self.frame_time(image_id)
+        if frame_time is not None:
+            from semclust.embed.video import probe
+            from semclust.report.thumbs import make_frame_thumbnail
+
+            with storage.using(self.storage_config):
+                try:
+                    info = probe(uri)
+                    box = min(1024, max(16, info.width, info.height))
+                    return make_frame_thumbnail(uri, frame_time, box, self.max_pixels)
+                except ValueError as exc:
+                    raise NotFound(f"image {image_id} ({uri}) cannot be shown: {exc}") from None
         with storage.using(self.storage_config):
             try:
                 return storage.read_bytes(uri)

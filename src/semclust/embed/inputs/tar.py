@@ -19,7 +19,8 @@ import pyarrow as pa
 
 from semclust import storage
 from semclust.embed.formats import is_image_candidate
-from semclust.embed.sources import TAR_SUFFIXES, listing_page
+from semclust.embed.members import TAR_SUFFIXES
+from semclust.embed.sources import listing_page
 from semclust.retry import is_transient
 
 if TYPE_CHECKING:

@@ -48,13 +48,29 @@ function fileName(uri) {
   return parts[parts.length - 1] || String(uri);
 }
 
+// A video frame's time as m:ss.s (h:mm:ss.s from an hour), as the report and the CLI show it.
+function clock(seconds) {
+  const tenths = Math.round(Number(seconds) * 10);
+  const hours = Math.floor(tenths / 36000);
+  const minutes = Math.floor((tenths % 36000) / 600);
+  const secs = ((tenths % 600) / 10).toFixed(1).padStart(4, "0");
+  return hours ? `${hours}:${String(minutes).padStart(2, "0")}:${secs}` : `${minutes}:${secs}`;
+}
+
+// What a row is called: the file's name, and "@ m:ss.s" for a frame of a video.
+function rowName(row) {
+  const name = fileName(row.uri);
+  return row.frame_time === null || row.frame_time === undefined ? name
+    : `${name} @ ${clock(row.frame_time)}`;
+}
+
 function imageCard(hit, score) {
   const ref = hit.image_ref;
   const meta = el("div", { class: "meta" });
   if (score !== undefined && score !== null) {
     meta.append(el("b", { text: Number(score).toFixed(3) }), " ");
   }
-  meta.append(el("span", { text: fileName(hit.uri), title: hit.uri }));
+  meta.append(el("span", { text: rowName(hit), title: hit.uri }));
   if (hit.cluster !== null && hit.cluster !== undefined) {
     meta.append(el("br"), el("a", { href: `#/cluster/${hit.cluster}`, text: `cluster ${hit.cluster}`,
                                     class: "cluster-link" }));
@@ -64,7 +80,7 @@ function imageCard(hit, score) {
     "div",
     { class: "card hit", dataset: { imageId: ref, uri: hit.uri, cluster: hit.cluster ?? "" } },
     el("a", { href: `#/image/${ref}`, title: hit.uri },
-       el("img", { src: thumbUrl(ref), alt: fileName(hit.uri), loading: "lazy" })),
+       el("img", { src: thumbUrl(ref), alt: rowName(hit), loading: "lazy" })),
     meta,
   );
 }
@@ -226,14 +242,16 @@ async function showImage(ref) {
       hits = answer.results[0].hits.filter((h) => h.image_ref !== ref);
       image = { image_ref: ref, uri: "", cluster: null, label: null };
     }
-    const facts = el("div", { class: "meta" }, el("div", { text: image.uri }));
+    const when = image.frame_time === null || image.frame_time === undefined ? ""
+      : ` @ ${clock(image.frame_time)}`;
+    const facts = el("div", { class: "meta" }, el("div", { text: image.uri + when }));
     if (image.cluster !== null) {
       facts.append(el("a", { href: `#/cluster/${image.cluster}`, text: `cluster ${image.cluster}` }));
     }
     if (image.label) facts.append(el("div", { text: `label: ${image.label}` }));
     $("image-focus").replaceChildren(
       el("a", { href: `images/${encodeURIComponent(ref)}`, target: "_blank", rel: "noopener" },
-         el("img", { src: thumbUrl(ref, 512), alt: fileName(image.uri) })),
+         el("img", { src: thumbUrl(ref, 512), alt: rowName(image) })),
       facts,
     );
     $("neighbors").replaceChildren(...hits.map((h) => imageCard(h, h.similarity)));
