@@ -338,3 +338,37 @@ def test_a_store_that_goes_away_defers_frames_instead_of_failing_them(
             raw.close()
     finally:
         server.stop()
+
+
+def test_videos_in_a_manifest_and_in_tar_shards(tmp_path, video_folder, pictures):
+    """A manifest names videos by extension (its rows are listed whatever they are); a tar's
+    video members are read through their byte range, so the frames equal the file's."""
+    from tests.embed.files import tar_bytes
+
+    talk = video_folder / "talk.mp4"
+    still = video_folder / "still.jpg"
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(f"uri\n{talk}\n{still}\n{video_folder / 'junk.mp4'}\n")
+    stream = InputStream(str(manifest), sampling=Sampling(4.0, 500))
+    table = pa_concat(list(stream.pages()))
+    times = table["frame_time"].to_pylist()  # in the manifest's order
+    assert times[:3] == [0.0, 4.0, 8.0] and math.isnan(times[3]) and times[4] == UNREADABLE_VIDEO
+    assert len(times) == 5
+    assert (stream.videos, stream.video_frames, stream.videos_unreadable) == (2, 3, 1)
+
+    shard = tmp_path / "shard.tar"
+    shard.write_bytes(
+        tar_bytes({"a/still.jpg": still.read_bytes(), "a/talk.mp4": talk.read_bytes()})
+    )
+    stream = InputStream(str(shard), sampling=Sampling(4.0, 500))
+    table = pa_concat(list(stream.pages()))
+    columns = [table[c].to_pylist() for c in ("uri", "offset", "size", "frame_time")]
+    rows = list(zip(*columns, strict=True))
+    frames = [r for r in rows if r[3] == r[3]]  # not NaN: a video member's frames
+    assert [r[3] for r in frames] == [0.0, 4.0, 8.0]
+    assert all(r[0] == f"file://{shard}#a/talk.mp4" and r[1] > 0 for r in frames)
+    uri, offset, size, _ = frames[0]
+    got = decode_video_rows(uri, offset, size, [0.0, 4.0, 8.0], 64, "squash", 10**8)
+    direct = decode_video_rows(str(talk), -1, -1, [0.0, 4.0, 8.0], 64, "squash", 10**8)
+    for a, b in zip(got, direct, strict=True):
+        assert a.error == "" and np.array_equal(a.pixels, b.pixels)

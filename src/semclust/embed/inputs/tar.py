@@ -21,6 +21,7 @@ from semclust import storage
 from semclust.embed.formats import is_image_candidate
 from semclust.embed.members import TAR_SUFFIXES
 from semclust.embed.sources import listing_page
+from semclust.embed.video import has_video_extension
 from semclust.retry import is_transient
 
 if TYPE_CHECKING:
@@ -43,7 +44,8 @@ def pages(stream: InputStream, uri: str) -> Iterator[pa.Table]:
 
 
 def member_pages(stream: InputStream, tar_uris: Iterable[str]) -> Iterator[pa.Table]:
-    """Pages of the image members of ``tar_uris``, tar by tar."""
+    """Pages of the image members (and, with ``stream.sampling``, video members by extension) of
+    ``tar_uris``, tar by tar."""
     # Sorting by "<tar>#" keeps the member URIs in their global sorted order across tars.
     for tar_uri in sorted(tar_uris, key=lambda u: u + "#"):
         fs, path = storage.resolve(tar_uri)
@@ -63,7 +65,10 @@ def member_pages(stream: InputStream, tar_uris: Iterable[str]) -> Iterator[pa.Ta
                 if not member.isfile():
                     continue
                 name = member.name
-                if name.rsplit("/", 1)[-1].startswith(".") or not is_image_candidate(name):
+                media = is_image_candidate(name) or (
+                    stream.sampling is not None and has_video_extension(name)
+                )
+                if name.rsplit("/", 1)[-1].startswith(".") or not media:
                     stream.skipped += 1  # WebDataset side files: .cls, .json, .txt
                     continue
                 rows.append((f"{tar_uri}#{name}", member.offset_data, member.size))
