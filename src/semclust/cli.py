@@ -152,6 +152,14 @@ def _add_tool_parsers(sub: Any) -> None:
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
+    p = sub.add_parser(
+        "add",
+        help="add images to a finished run: same clusters (ids kept), index, graph and labels",
+    )
+    p.add_argument("input", help="image folder, file:// or s3:// prefix, manifest or tar shards")
+    _add_common(p)
+    _add_section_flags(p, ["add"])
+
     from semclust.serve.command import add_serve_parser
 
     add_serve_parser(sub)
@@ -386,6 +394,20 @@ def _dispatch(args: argparse.Namespace) -> int:
         from semclust.select_backbone import run_select_backbone_command
 
         return run_select_backbone_command(args, _parse_set(args.set))
+    if args.command == "add":
+        from semclust.grow.stage import AddStage, add
+
+        if args.mode == "overwrite":
+            raise ValueError("add has no --mode overwrite: it only adds to a run")
+        cli_args = argparse.Namespace(**{**vars(args), "input": None})
+        record = add(config_from_args(cli_args), args.input)
+        print(f"{AddStage().summary(record)} ({record.get('seconds', 0):.1f} s)")
+        advice = (record.get("drift") or {}).get("advice")
+        if advice:
+            print(f"  drift: {advice}")
+        if record.get("not_extended"):
+            print(f"  not extended to the added images: {', '.join(record['not_extended'])}")
+        return 0
     if args.command == "unlock":
         from semclust.lock import break_lock
 

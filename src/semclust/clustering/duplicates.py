@@ -3,7 +3,8 @@
 Reads ``knn/`` shard by shard (never the embeddings), keeps only edges whose similarity is at
 least the threshold, and joins their endpoints into groups (undirected). Writes
 ``duplicates/part-NNNNN.parquet`` with ``image_id`` and ``group`` int64 for every image in a group
-of two or more; the group id is the smallest image id in the group, so it is stable across runs.
+of two or more; the group id is the smallest image id in the group, so it is stable across runs
+(when a run grows, a group keeps the id it had: ``keep_group_ids``).
 A run with no duplicates writes one empty part, so a finished stage always leaves a file.
 """
 
@@ -70,12 +71,42 @@ def _uris_of(shards: ShardSet, wanted: set[int]) -> dict[int, str]:
     return found
 
 
-def write_duplicates(run_dir: str, shards: ShardSet, threshold: float) -> dict[str, Any]:
-    """Find the groups from ``knn/``, write ``duplicates/``, return the run.json summary."""
+def keep_group_ids(
+    ids: np.ndarray, groups: np.ndarray, before: tuple[np.ndarray, np.ndarray]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Groups renamed so that a group holding images of an earlier grouping ``before`` (ids,
+    groups) keeps the earlier id (the smallest, where it joins several), and one with none keeps
+    its own; sorted by group then id. A run that grows (``semclust add``) keeps its group ids."""
+    old_ids, old_groups = before
+    if not len(ids) or not len(old_ids):
+        return ids, groups
+    order = np.argsort(old_ids)
+    pos = np.minimum(np.searchsorted(old_ids, ids, sorter=order), len(old_ids) - 1)
+    hit = old_ids[order[pos]] == ids
+    earlier = np.where(hit, old_groups[order[pos]], np.iinfo(np.int64).max)
+    names, index = np.unique(groups, return_inverse=True)
+    renamed = np.full(len(names), np.iinfo(np.int64).max, dtype=np.int64)
+    np.minimum.at(renamed, index, earlier)
+    renamed = np.where(renamed == np.iinfo(np.int64).max, names, renamed)
+    new_groups = renamed[index]
+    order = np.lexsort((ids, new_groups))
+    return ids[order], new_groups[order]
+
+
+def write_duplicates(
+    run_dir: str,
+    shards: ShardSet,
+    threshold: float,
+    keep: tuple[np.ndarray, np.ndarray] | None = None,
+) -> dict[str, Any]:
+    """Find the groups from ``knn/``, write ``duplicates/``, return the run.json summary;
+    ``keep``: an earlier grouping whose group ids carry over (``keep_group_ids``)."""
     parts = [strong_edges(u, threshold) for u in knn_parts(run_dir)]
     src = np.concatenate([p[0] for p in parts]) if parts else np.empty(0, np.int64)
     dst = np.concatenate([p[1] for p in parts]) if parts else np.empty(0, np.int64)
     ids, groups = duplicate_groups(src, dst)
+    if keep is not None:
+        ids, groups = keep_group_ids(ids, groups, keep)
     out_dir = storage.join(run_dir, DUPLICATES)
     storage.remove_tree(out_dir)
     for part, s in enumerate(range(0, max(len(ids), 1), ROWS_PER_PART)):

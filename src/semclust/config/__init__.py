@@ -16,7 +16,13 @@ from typing import Any
 
 import yaml
 
-from semclust.config.review import EvaluateConfig, LabelConfig, RefineConfig, ReportConfig
+from semclust.config.review import (
+    AddConfig,
+    EvaluateConfig,
+    LabelConfig,
+    RefineConfig,
+    ReportConfig,
+)
 from semclust.config.sections import (
     ClusterConfig,
     EmbedConfig,
@@ -57,6 +63,7 @@ __all__ = [
     "REFINE_METHODS",
     "RESIZE_MODES",
     "SEED_METHODS",
+    "AddConfig",
     "ClusterConfig",
     "EmbedConfig",
     "EvaluateConfig",
@@ -89,6 +96,7 @@ class RunConfig:
     label: LabelConfig = field(default_factory=LabelConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
+    add: AddConfig = field(default_factory=AddConfig)
 
     def __post_init__(self) -> None:
         _choice("mode", self.mode, MODES)
@@ -207,6 +215,11 @@ def load_config(
     for key, value in (overrides or {}).items():
         if value is not None:
             _set_dotted(tree, key, value)
+    return _build(RunConfig, tree, "")
+
+
+def from_dict(tree: dict[str, Any]) -> RunConfig:
+    """A validated RunConfig from a nested mapping (run.json's ``config``)."""
     return _build(RunConfig, tree, "")
 
 

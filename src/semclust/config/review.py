@@ -249,3 +249,26 @@ class ReportConfig:
                 raise ValueError(f"report.{name} must be >= 0, got {getattr(self, name)!r}")
         if self.thumb_size < 16:
             raise ValueError(f"report.thumb_size must be >= 16, got {self.thumb_size}")
+
+
+@dataclass(frozen=True)
+class AddConfig:
+    """``semclust add``: images added to a finished run, its clusters, graph and index kept."""
+
+    drift_quantile: float = 0.99  # of the run's own distances to their centroid
+    drift_threshold: float = flag(
+        0.05,
+        "--drift-threshold",
+        "share of added images farther from their centroid than the run's own "
+        "drift_quantile past which re-clustering is advised (0.05)",
+    )
+    min_cluster_rows: int = 50  # a cluster's own quantile needs this many rows, else the run's
+    report: bool = flag(True, "--no-report", "do not rebuild the report after adding", const=False)
+
+    def __post_init__(self) -> None:
+        if not 0.5 <= self.drift_quantile < 1:
+            raise ValueError(f"add.drift_quantile must be in [0.5, 1), got {self.drift_quantile}")
+        if not 0 < self.drift_threshold <= 1:
+            raise ValueError(f"add.drift_threshold must be in (0, 1], got {self.drift_threshold}")
+        if self.min_cluster_rows < 1:
+            raise ValueError(f"add.min_cluster_rows must be >= 1, got {self.min_cluster_rows}")

@@ -92,10 +92,12 @@ def edge_weights(graph: Any, metric: str, power: float = 3.0) -> Any:
 class LabelWriter:
     """Writes ``labels/part-NNNNN.parquet``, one shard per embeddings shard (same number)."""
 
-    def __init__(self, run_dir: str) -> None:
-        # labels/ is rewritten whole every time: shards of an earlier labelling must not survive.
+    def __init__(self, run_dir: str, *, fresh: bool = True) -> None:
+        # labels/ is rewritten whole every time: shards of an earlier labelling must not survive
+        # (``fresh=False``: shards added to it, for images added to the run).
         self.dir = storage.join(run_dir, LABELS)
-        storage.remove_tree(self.dir)
+        if fresh:
+            storage.remove_tree(self.dir)
         self.written = 0
         self._counts: dict[str, int] = {}
         self._confidence: dict[str, float] = {}

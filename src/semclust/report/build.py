@@ -222,7 +222,8 @@ def _report_view(
         duplicates=shown.duplicates,
         labels=shown.labels,
         map=map_view,
-        notes=notes,
+        notes=notes + facts.growth_notes(info),
+        growth=facts.growth_rows(info),
     )
 
 

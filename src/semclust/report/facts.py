@@ -52,10 +52,11 @@ def counts(
     """The overview's count cards."""
     embed = (info.get("stages") or {}).get("embed") or {}
     embedded = embed.get("embedded")
-    if embedded is None:
+    grown = bool(growth_rows(info))
+    if embedded is None or grown:  # after `semclust add` the embed record counts its input only
         embedded = collect.count_rows(storage.join(run_dir, EMBEDDINGS))
-    failed = embed.get("failed", failed_rows)
-    listed = embed.get("listed", embedded + failed)
+    failed = failed_rows if grown else embed.get("failed", failed_rows)
+    listed = embedded + failed if grown else embed.get("listed", embedded + failed)
     counts = [
         ("listed", fmt(listed)),
         ("embedded", fmt(embedded)),
@@ -148,3 +149,33 @@ def config_rows(
     if kmeans.get("trained_on") is not None:
         rows.append(("k-means trained on", f"{fmt(kmeans['trained_on'])} rows"))
     return rows
+
+
+def growth_rows(info: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per ``semclust add`` that added images: input, rows, failures, drift."""
+    record = (info.get("stages") or {}).get("add") or {}
+    rows = []
+    for run in record.get("runs", []):
+        if not run.get("rows_added"):
+            continue
+        drift = run.get("drift") or {}
+        rows.append(
+            {
+                "input": run.get("input"),
+                "added": run["rows_added"],
+                "failed": (run.get("embed") or {}).get("failed"),
+                "rows_after": run.get("rows"),
+                "share_beyond": drift.get("share_beyond"),
+                "expected_share": drift.get("expected_share"),
+                "drifted": bool(drift.get("drifted")),
+                "clusters": drift.get("clusters", [])[:5],
+            }
+        )
+    return rows
+
+
+def growth_notes(info: dict[str, Any]) -> list[str]:
+    """The last add's advice to re-cluster, when it gave one."""
+    runs = ((info.get("stages") or {}).get("add") or {}).get("runs", [])
+    advice = ((runs[-1].get("drift") or {}).get("advice") if runs else None) or None
+    return [f"Drift: {advice}."] if advice else []

@@ -124,6 +124,8 @@ def _run_facts(view: ReportView) -> list[str]:
     cards = "".join(f'<div class="card">{esc(k)}<b>{esc(v)}</b></div>' for k, v in view.counts)
     parts.append(f'<div class="cards">{cards}</div>')
 
+    if view.growth:
+        parts += _growth(view)
     parts.append("<h2>Stages</h2>")
     parts.append(
         table(
@@ -145,6 +147,42 @@ def _run_facts(view: ReportView) -> list[str]:
         parts.append("<h2>Choice of k <span class=muted>(model/k_selection.json)</span></h2>")
         parts.append(json_block(view.k_selection))
     return parts
+
+
+def _growth(view: ReportView) -> list[str]:
+    """The images added to the run (``semclust add``) and how far they sit from the clusters."""
+    rows = []
+    for g in view.growth:
+        worst = ", ".join(
+            f"{c['cluster']} ({c['share_beyond']:.0%} of {c['added']})" for c in g["clusters"]
+        )
+        share = g["share_beyond"]
+        rows.append(
+            (
+                view.display.text(str(g["input"])),
+                g["added"],
+                g["failed"],
+                g["rows_after"],
+                "-" if share is None else f"{share:.1%}" + (" (drifted)" if g["drifted"] else ""),
+                worst or "-",
+            )
+        )
+    expected = view.growth[-1].get("expected_share")
+    note = (
+        f"beyond: added images farther from their centroid than the run's own "
+        f"{1 - expected:.0%} (by chance about {expected:.0%})."
+        if expected is not None
+        else ""
+    )
+    return [
+        "<h2>Images added</h2>",
+        table(
+            ["input", "added", "failed", "rows after", "beyond", "clusters most beyond"],
+            rows,
+            [False, True, True, True, True, False],
+        ),
+        f"<p class=muted>{esc(note)}</p>",
+    ]
 
 
 def _review_first(view: ReportView) -> list[str]:

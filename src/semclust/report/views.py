@@ -71,6 +71,7 @@ class ReportView:
     labels: LabelSummary | None
     map: MapView | None
     notes: list[str] = field(default_factory=list)
+    growth: list[dict[str, Any]] = field(default_factory=list)  # ``semclust add`` runs, in order
 
     @cached_property
     def by_id(self) -> dict[int, ClusterView]:

@@ -1,0 +1,190 @@
+"""The kNN graph of a grown run: edges of the added rows, and the edges they change.
+
+An added row's k nearest neighbours are searched exactly among every row of the run (old and
+added, itself excluded); an old row's list changes only where an added row is nearer than its
+k-th neighbour, so each old row's list is merged with its exact top-k among the added rows. For
+a graph the graph stage searched exactly, the result is the graph a full run on all the images
+would have; for an approximate one, the added edges are exact and the old lists keep their
+recall. The work is one pass over the run's shards against the added rows (N x N_added
+products), in Ray tasks over groups of shards; old ``knn/`` parts are rewritten where they
+change (the merge drops ids a list already holds, so a repeat after a crash changes nothing),
+the added shards' parts are written last.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from semclust import storage
+from semclust.index.exact import merge_topk, similarity_space
+from semclust.index.faiss_ops import remote_options
+from semclust.rundir.embeddings import ShardSet, read_checked
+from semclust.rundir.layout import KNN
+from semclust.rundir.tables import knn_table, part_uri, read_knn_part
+
+if TYPE_CHECKING:
+    from semclust.context import RunContext
+
+log = logging.getLogger(__name__)
+
+_BLOCK_FLOATS = 1 << 25  # a shard's similarities to the added rows, computed 128 MB at a time
+
+
+def similarities(a: np.ndarray, b: np.ndarray, metric: str) -> np.ndarray:
+    """float32 (len(a), len(b)) similarities of rows already in similarity space: cosine
+    (normalised dot products), or minus the squared L2 distance, as the graph stores them."""
+    dots = a @ b.T
+    if metric == "cosine":
+        return dots
+    sq_a = np.einsum("ij,ij->i", a, a)[:, None]
+    sq_b = np.einsum("ij,ij->i", b, b)[None, :]
+    return -(sq_a + sq_b - 2 * dots)
+
+
+def top_k(sims: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(column int64 (n, k'), similarity float32 (n, k')) of each row's k' = min(k, columns)
+    largest entries, best first (ties in column order)."""
+    kk = min(k, sims.shape[1])
+    if kk == 0:
+        return np.zeros((len(sims), 0), np.int64), np.zeros((len(sims), 0), np.float32)
+    part = np.argpartition(-sims, kk - 1, axis=1)[:, :kk] if kk < sims.shape[1] else None
+    cols = part if part is not None else np.tile(np.arange(sims.shape[1]), (len(sims), 1))
+    vals = np.take_along_axis(sims, cols, axis=1)
+    order = np.lexsort((cols, -vals), axis=1)
+    return np.take_along_axis(cols, order, axis=1), np.take_along_axis(vals, order, axis=1)
+
+
+def _padded(ids: np.ndarray, sims: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, sims) widened to k columns with id -1 and similarity -inf."""
+    n, have = ids.shape
+    if have == k:
+        return ids, sims.astype(np.float32)
+    out_ids = np.full((n, k), -1, dtype=np.int64)
+    out_sims = np.full((n, k), -np.inf, dtype=np.float32)
+    out_ids[:, :have], out_sims[:, :have] = ids, sims
+    return out_ids, out_sims
+
+
+def merge_lists(
+    old_ids: np.ndarray, old_sims: np.ndarray, new_ids: np.ndarray, new_sims: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's k best of its old list and its candidates, an id counted once (a candidate the
+    old list already holds is dropped), best first; a tie keeps the old list's entry first."""
+    held = (new_ids[:, :, None] == old_ids[:, None, :]).any(axis=2) | (new_ids < 0)
+    new_sims = np.where(held, -np.inf, new_sims).astype(np.float32)
+    old_sims = np.where(old_ids < 0, -np.inf, old_sims).astype(np.float32)
+    ids, sims = merge_topk([(old_ids, old_sims), (np.where(held, -1, new_ids), new_sims)], k)
+    return np.where(np.isfinite(sims), ids, -1), sims
+
+
+def update_group(
+    shard_uris: list[str],
+    old: list[bool],
+    knn_uris: list[str],
+    added_ids: np.ndarray,
+    added: np.ndarray,
+    k: int,
+    metric: str,
+    dim: int,
+    threads: int = 1,
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """Ray task body over a group of shards: each old shard's ``knn/`` part merged with its rows'
+    top-k among the added rows (rewritten when it changes); and the added rows' top-k among the
+    group's rows, themselves excluded. Returns (ids int64 (A, k), sims float32 (A, k), old
+    rows whose list changed)."""
+    import threadpoolctl
+
+    best_ids = np.full((len(added_ids), k), -1, dtype=np.int64)
+    best_sims = np.full((len(added_ids), k), -np.inf, dtype=np.float32)
+    changed = 0
+    with threadpoolctl.threadpool_limits(threads):
+        for uri, is_old, knn_uri in zip(shard_uris, old, knn_uris, strict=True):
+            ids, vectors = read_checked(uri, dim)
+            x = similarity_space(vectors, metric)
+            row_ids = np.full((len(ids), k), -1, dtype=np.int64)
+            row_sims = np.full((len(ids), k), -np.inf, dtype=np.float32)
+            step = max(1, _BLOCK_FLOATS // max(1, len(ids)))
+            for s in range(0, len(added_ids), step):
+                cols = slice(s, s + step)
+                sims = similarities(x, added[cols], metric)
+                # A row is never its own neighbour (an added row meets itself in its shard).
+                sims[ids[:, None] == added_ids[None, cols]] = -np.inf
+                c, v = top_k(sims.T, k)  # the added rows' nearest in this shard
+                found = _padded(np.where(np.isfinite(v), ids[c], -1), v, k)
+                best_ids[cols], best_sims[cols] = merge_topk(
+                    [(best_ids[cols], best_sims[cols]), found], k
+                )
+                if is_old:
+                    c, v = top_k(sims, k)
+                    found = _padded(np.where(np.isfinite(v), added_ids[cols][c], -1), v, k)
+                    row_ids, row_sims = merge_topk([(row_ids, row_sims), found], k)
+            if is_old:
+                changed += _merge_into_part(knn_uri, ids, row_ids, row_sims, k)
+    return best_ids, best_sims, changed
+
+
+def _merge_into_part(
+    knn_uri: str, ids: np.ndarray, cand_ids: np.ndarray, cand_sims: np.ndarray, k: int
+) -> int:
+    """Merge candidates into one old ``knn/`` part, rewritten when a list changes; rows changed."""
+    part = read_knn_part(knn_uri)
+    assert part.similarities is not None
+    if not np.array_equal(part.ids, ids):
+        raise RuntimeError(f"{knn_uri} does not hold the rows of its embeddings shard")
+    merged_ids, merged_sims = merge_lists(part.neighbors, part.similarities, cand_ids, cand_sims, k)
+    rows_changed = int((merged_ids != part.neighbors).any(axis=1).sum())
+    if rows_changed:
+        storage.write_parquet(knn_uri, knn_table(ids, merged_ids, merged_sims))
+    return rows_changed
+
+
+def grow_graph(
+    ctx: RunContext, shards: ShardSet, added_uris: list[str], k: int, metric: str
+) -> dict[str, Any]:
+    """Add the ``added_uris`` shards' rows to the run's kNN graph (see the module); the record."""
+    ray = ctx.start_ray()
+    added_set = set(added_uris)
+    ids_parts, vec_parts = [], []
+    for uri in added_uris:
+        ids, vectors = read_checked(uri, shards.dim)
+        ids_parts.append(ids)
+        vec_parts.append(similarity_space(vectors, metric))
+    added_ids = np.concatenate(ids_parts)
+    added = np.ascontiguousarray(np.concatenate(vec_parts), dtype=np.float32)
+    ids_ref, added_ref = ray.put(added_ids), ray.put(added)
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    tasks = max(1, min(len(shards.uris), 4 * cpus))
+    size = -(-len(shards.uris) // tasks)
+    groups = [shards.uris[s : s + size] for s in range(0, len(shards.uris), size)]
+    task = ctx.remote(update_group, **remote_options(num_cpus=1))
+    ctx.ensure_held()
+    refs = [
+        task.remote(
+            group,
+            [u not in added_set for u in group],
+            [part_uri(ctx.run_dir, KNN, u) for u in group],
+            ids_ref,
+            added_ref,
+            k,
+            metric,
+            shards.dim,
+        )
+        for group in groups
+    ]
+    results = ray.get(refs)
+    best_ids, best_sims = merge_topk([(r[0], r[1]) for r in results], k)
+    best_ids = np.where(np.isfinite(best_sims), best_ids, -1)
+    ctx.ensure_held()
+    start = 0
+    for uri, ids in zip(added_uris, ids_parts, strict=True):
+        rows = slice(start, start + len(ids))
+        storage.write_parquet(
+            part_uri(ctx.run_dir, KNN, uri), knn_table(ids, best_ids[rows], best_sims[rows])
+        )
+        start += len(ids)
+    changed = int(sum(r[2] for r in results))
+    log.info("add: kNN edges of %d added rows; %d old rows' lists changed", len(added_ids), changed)
+    return {"rows_added": len(added_ids), "old_rows_changed": changed, "tasks": len(groups)}
