@@ -58,6 +58,13 @@ def _knn_by_id(run: Path) -> dict[int, tuple[list[int], np.ndarray]]:
     return out
 
 
+def _cluster_of(run: Path, image: Path) -> int:
+    table = _table(run, "embeddings", ["image_id", "uri"])
+    image_id = table["image_id"][table["uri"].index(f"file://{image}")]
+    assignments = _table(run, "assignments", ["image_id", "cluster"])
+    return assignments["cluster"][assignments["image_id"].index(image_id)]
+
+
 def _run_json(run: Path) -> dict:
     return json.loads((run / "run.json").read_text())
 
@@ -267,11 +274,22 @@ def test_a_stopped_add_is_finished_by_the_same_command(
     ray_local, halves, full, tmp_path, monkeypatch
 ):
     """Ctrl-C after the graph was grown, before the index: the same `add` again finishes the
-    index and the labels from the parts the first one was adding."""
+    index and the labels from the parts the first one was adding. The run is labelled from
+    reference images with one cluster named, so the added images take the refs and the names
+    rules."""
     import semclust.grow.stage as grow_stage
 
     run = tmp_path / "run"
     assert main(["run", str(halves / "first"), "--run-dir", str(run), *COMMON]) == 0
+    refs = tmp_path / "refs"
+    for class_dir in sorted((halves / "first").iterdir()):
+        (refs / class_dir.name).mkdir(parents=True)
+        for f in sorted(class_dir.iterdir())[:2]:
+            shutil.copy(f, refs / class_dir.name / f.name)
+    coffee_cluster = _cluster_of(run, sorted((halves / "first" / "coffee").iterdir())[0])
+    (tmp_path / "names.yaml").write_text(f"{coffee_cluster}: mugs\n")
+    labelled = ["label", "--run-dir", str(run), "--refs", str(refs)]
+    assert main([*labelled, "--names", str(tmp_path / "names.yaml")]) == 0
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
@@ -286,6 +304,23 @@ def test_a_stopped_add_is_finished_by_the_same_command(
     record = _run_json(run)["stages"]["add"]
     assert record["status"] == "done" and record["rows_added"] == 36
     assert json.loads((run / "index" / "meta.json").read_text())["count"] == 72
+    assert record["labels"]["rule"] == "refs + names"
+    labels = _table(run, "labels")
+    uris = dict(zip(*_table(run, "embeddings", ["image_id", "uri"]).values(), strict=True))
+    second = [
+        (Path(uris[i].removeprefix("file://")).parent.name, label, source)
+        for i, label, source in zip(
+            labels["image_id"], labels["label"], labels["source"], strict=True
+        )
+        if "/second/" in uris[i]
+    ]
+    assert len(second) == 36
+    assert {(c, lab, src) for c, lab, src in second if c == "coffee"} == {
+        ("coffee", "mugs", "names")
+    }
+    others = [(c, lab, src) for c, lab, src in second if c != "coffee"]
+    assert {src for _, _, src in others} == {"refs"}
+    assert np.mean([c == lab for c, lab, _ in others]) >= 0.9
     grown_knn, full_knn = _knn_by_id(run), _knn_by_id(full)
     assert grown_knn.keys() == full_knn.keys()
     for image_id, (neighbors, _) in full_knn.items():
