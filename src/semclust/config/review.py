@@ -263,6 +263,9 @@ class AddConfig:
         "drift_quantile past which re-clustering is advised (0.05)",
     )
     min_cluster_rows: int = 50  # a cluster's own quantile needs this many rows, else the run's
+    # The added rows' kNN edges: exact against every row, or within their nearest clusters;
+    # auto: exact for an exact graph or when that costs under about half a minute.
+    graph_search: str = "auto"
     report: bool = flag(True, "--no-report", "do not rebuild the report after adding", const=False)
 
     def __post_init__(self) -> None:
@@ -270,5 +273,6 @@ class AddConfig:
             raise ValueError(f"add.drift_quantile must be in [0.5, 1), got {self.drift_quantile}")
         if not 0 < self.drift_threshold <= 1:
             raise ValueError(f"add.drift_threshold must be in (0, 1], got {self.drift_threshold}")
+        _choice("add.graph_search", self.graph_search, ("auto", "exact", "clusters"))
         if self.min_cluster_rows < 1:
             raise ValueError(f"add.min_cluster_rows must be >= 1, got {self.min_cluster_rows}")

@@ -9,20 +9,30 @@ recall. The work is one pass over the run's shards against the added rows (N x N
 products), in Ray tasks over groups of shards; old ``knn/`` parts are rewritten where they
 change (the merge drops ids a list already holds, so a repeat after a crash changes nothing),
 the added shards' parts are written last.
+
+Past ``EXACT_PRODUCTS`` (and for a graph the graph stage did not build exactly) those products
+cost more than they are worth, and the pass compares rows only within clusters of the run's
+k-means model: an added row meets the rows of its ``probes`` nearest centroids (old rows by
+their own cluster), the IVF search with the k-means clusters as lists. ``probes`` is the
+smallest power of two for which the clusters of a sample of added rows' exact neighbours are
+among their probed ones at ``graph.target_recall``; the recall of the added rows' lists is
+then measured on that sample against exact search.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from semclust import storage
-from semclust.index.exact import merge_topk, similarity_space
+from semclust.clustering.knn import GRAPH_SEED
+from semclust.index.exact import merge_topk, recall_at_k, similarity_space
 from semclust.index.faiss_ops import remote_options
 from semclust.rundir.embeddings import ShardSet, read_checked
-from semclust.rundir.layout import KNN
+from semclust.rundir.layout import ASSIGNMENTS, KNN
 from semclust.rundir.tables import knn_table, part_uri, read_knn_part
 
 if TYPE_CHECKING:
@@ -31,6 +41,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _BLOCK_FLOATS = 1 << 25  # a shard's similarities to the added rows, computed 128 MB at a time
+EXACT_PRODUCTS = 2e11  # multiply-adds of the exact pass (about 20-40 s on 2 cores) above which
+# an approximate graph is grown through the clusters
+_RECALL_SAMPLE = 500  # added rows whose exact neighbours choose and check the probes
+_GROUP_ROWS = 1 << 19  # rows of the shards one probe task compares at once
 
 
 def similarities(a: np.ndarray, b: np.ndarray, metric: str) -> np.ndarray:
@@ -141,42 +155,174 @@ def _merge_into_part(
     return rows_changed
 
 
+def _cluster_lists(probes: np.ndarray, clusters: int) -> tuple[np.ndarray, np.ndarray]:
+    """The added rows probing each cluster: (added rows int64, starts int64 (clusters + 1,)),
+    cluster c's in rows[starts[c]:starts[c + 1]]."""
+    flat = probes.ravel()
+    rows = np.repeat(np.arange(len(probes)), probes.shape[1])
+    keep = flat >= 0
+    order = np.argsort(flat[keep], kind="stable")
+    by_cluster = flat[keep][order]
+    return rows[keep][order], np.searchsorted(by_cluster, np.arange(clusters + 1))
+
+
+def probe_group(
+    shard_uris: list[str],
+    old: list[bool],
+    knn_uris: list[str],
+    assignment_uris: list[str],
+    added_ids: np.ndarray,
+    added: np.ndarray,
+    probes: np.ndarray,
+    clusters: int,
+    k: int,
+    metric: str,
+    dim: int,
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """Ray task body: ``update_group`` with rows compared within clusters only: a row meets the
+    added rows whose ``probes`` (A, P) hold its own cluster. Shards are taken together up to
+    ``_GROUP_ROWS`` rows, so that each cluster is one product per batch, not one per shard."""
+    members, starts = _cluster_lists(probes, clusters)
+    best_ids = np.full((len(added_ids), k), -1, dtype=np.int64)
+    best_sims = np.full((len(added_ids), k), -np.inf, dtype=np.float32)
+    changed = 0
+    batch: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]] = []
+
+    def flush() -> None:
+        nonlocal changed
+        if not batch:
+            return
+        ids = np.concatenate([b[1] for b in batch])
+        x = np.concatenate([b[2] for b in batch])
+        cluster = np.concatenate([b[3] for b in batch])
+        row_ids = np.full((len(ids), k), -1, dtype=np.int64)
+        row_sims = np.full((len(ids), k), -np.inf, dtype=np.float32)
+        order = np.argsort(cluster, kind="stable")
+        bounds = np.flatnonzero(np.r_[True, np.diff(cluster[order]) != 0, True])
+        for a, b in itertools.pairwise(bounds):
+            rows = order[a:b]
+            c = int(cluster[rows[0]])
+            near = members[starts[c] : starts[c + 1]]
+            if not len(near):
+                continue
+            sims = similarities(x[rows], added[near], metric)
+            sims[ids[rows][:, None] == added_ids[near][None, :]] = -np.inf
+            col, val = top_k(sims, k)
+            row_ids[rows], row_sims[rows] = _padded(
+                np.where(np.isfinite(val), added_ids[near][col], -1), val, k
+            )
+            col, val = top_k(sims.T, k)
+            found = _padded(np.where(np.isfinite(val), ids[rows][col], -1), val, k)
+            best_ids[near], best_sims[near] = merge_topk(
+                [(best_ids[near], best_sims[near]), found], k
+            )
+        start = 0
+        for i, part_ids, _, _ in batch:
+            span = slice(start, start + len(part_ids))
+            start += len(part_ids)
+            if old[i]:
+                changed += _merge_into_part(knn_uris[i], part_ids, row_ids[span], row_sims[span], k)
+        batch.clear()
+
+    rows_held = 0
+    for i, uri in enumerate(shard_uris):
+        ids, vectors = read_checked(uri, dim)
+        table = storage.read_parquet(assignment_uris[i], ["image_id", "cluster"])
+        if not np.array_equal(table.column("image_id").to_numpy(), ids):
+            raise RuntimeError(f"{assignment_uris[i]} does not hold the rows of {uri}")
+        cluster = table.column("cluster").to_numpy().astype(np.int64)
+        batch.append((i, ids, similarity_space(vectors, metric), cluster))
+        rows_held += len(ids)
+        if rows_held >= _GROUP_ROWS:
+            flush()
+            rows_held = 0
+    flush()
+    return best_ids, best_sims, changed
+
+
 def grow_graph(
-    ctx: RunContext, shards: ShardSet, added_uris: list[str], k: int, metric: str
+    ctx: RunContext,
+    shards: ShardSet,
+    added_uris: list[str],
+    k: int,
+    metric: str,
+    *,
+    exact_graph: bool,
+    search: str,
+    target_recall: float,
 ) -> dict[str, Any]:
-    """Add the ``added_uris`` shards' rows to the run's kNN graph (see the module); the record."""
+    """Add the ``added_uris`` shards' rows to the run's kNN graph (see the module); the record.
+    ``search`` (``add.graph_search``): exact, clusters, or auto: exact when ``exact_graph`` (the
+    graph stage searched exactly) or when it costs under ``EXACT_PRODUCTS``."""
     ray = ctx.start_ray()
     added_set = set(added_uris)
-    ids_parts, vec_parts = [], []
+    ids_parts, raw_parts = [], []
     for uri in added_uris:
         ids, vectors = read_checked(uri, shards.dim)
         ids_parts.append(ids)
-        vec_parts.append(similarity_space(vectors, metric))
+        raw_parts.append(vectors)
     added_ids = np.concatenate(ids_parts)
-    added = np.ascontiguousarray(np.concatenate(vec_parts), dtype=np.float32)
-    ids_ref, added_ref = ray.put(added_ids), ray.put(added)
+    raw = np.concatenate(raw_parts)
+    added = np.ascontiguousarray(similarity_space(raw, metric), dtype=np.float32)
+    products = float(shards.total) * len(added_ids) * shards.dim
     cpus = int(ray.cluster_resources().get("CPU", 1))
     tasks = max(1, min(len(shards.uris), 4 * cpus))
     size = -(-len(shards.uris) // tasks)
     groups = [shards.uris[s : s + size] for s in range(0, len(shards.uris), size)]
-    task = ctx.remote(update_group, **remote_options(num_cpus=1))
+    record: dict[str, Any] = {"rows_added": len(added_ids), "tasks": len(groups)}
+    ids_ref, added_ref = ray.put(added_ids), ray.put(added)
     ctx.ensure_held()
-    refs = [
-        task.remote(
-            group,
-            [u not in added_set for u in group],
-            [part_uri(ctx.run_dir, KNN, u) for u in group],
-            ids_ref,
-            added_ref,
-            k,
-            metric,
-            shards.dim,
+    if search == "auto":
+        search = "exact" if exact_graph or products <= EXACT_PRODUCTS else "clusters"
+    if search == "exact":
+        record["search"] = "exact"
+        task = ctx.remote(update_group, **remote_options(num_cpus=1))
+        refs = [
+            task.remote(
+                group,
+                [u not in added_set for u in group],
+                [part_uri(ctx.run_dir, KNN, u) for u in group],
+                ids_ref,
+                added_ref,
+                k,
+                metric,
+                shards.dim,
+            )
+            for group in groups
+        ]
+        sample = None
+    else:
+        probes, clusters, sample, truth, chosen = _choose_probes(
+            ctx, shards, added_ids, raw, k, metric, target_recall
         )
-        for group in groups
-    ]
+        record["search"] = f"within clusters: {probes.shape[1]} of {clusters} probed"
+        record["probes"] = chosen
+        task = ctx.remote(probe_group, **remote_options(num_cpus=1))
+        probes_ref = ray.put(probes)
+        refs = [
+            task.remote(
+                group,
+                [u not in added_set for u in group],
+                [part_uri(ctx.run_dir, KNN, u) for u in group],
+                [part_uri(ctx.run_dir, ASSIGNMENTS, u) for u in group],
+                ids_ref,
+                added_ref,
+                probes_ref,
+                clusters,
+                k,
+                metric,
+                shards.dim,
+            )
+            for group in groups
+        ]
     results = ray.get(refs)
     best_ids, best_sims = merge_topk([(r[0], r[1]) for r in results], k)
     best_ids = np.where(np.isfinite(best_sims), best_ids, -1)
+    if sample is not None:
+        record["recall"] = {
+            "recall_at_k": round(recall_at_k(best_ids[sample], truth), 5),
+            "queries": len(sample),
+        }
     ctx.ensure_held()
     start = 0
     for uri, ids in zip(added_uris, ids_parts, strict=True):
@@ -185,6 +331,60 @@ def grow_graph(
             part_uri(ctx.run_dir, KNN, uri), knn_table(ids, best_ids[rows], best_sims[rows])
         )
         start += len(ids)
-    changed = int(sum(r[2] for r in results))
-    log.info("add: kNN edges of %d added rows; %d old rows' lists changed", len(added_ids), changed)
-    return {"rows_added": len(added_ids), "old_rows_changed": changed, "tasks": len(groups)}
+    record["old_rows_changed"] = int(sum(r[2] for r in results))
+    log.info(
+        "add: kNN edges of %d added rows (%s); %d old rows' lists changed",
+        len(added_ids),
+        record["search"],
+        record["old_rows_changed"],
+    )
+    return record
+
+
+def _choose_probes(
+    ctx: RunContext,
+    shards: ShardSet,
+    added_ids: np.ndarray,
+    raw: np.ndarray,
+    k: int,
+    metric: str,
+    target_recall: float,
+) -> tuple[np.ndarray, int, np.ndarray, np.ndarray, dict[str, Any]]:
+    """(probes int64 (A, P), clusters, sample rows, their exact neighbours, the choice's record):
+    the smallest P = 1, 2, 4, ... whose probed clusters hold ``target_recall`` of the sample's
+    exact neighbours (by the neighbours' own clusters)."""
+    from semclust.clustering.kmeans import CentroidAssigner
+    from semclust.clustering.model import KMeansModel
+    from semclust.index.exact import drop_self, exact_topk
+    from semclust.rundir.tables import read_assignments
+
+    model, _ = KMeansModel.load(ctx.run_dir)
+    clusters = model.k
+    deepest = min(clusters, 256)
+    assigner = CentroidAssigner(model, gpus=0, nprobe=deepest)
+    _, probes = assigner.index.search(model.transform.apply(raw), deepest)
+    rng = np.random.default_rng(GRAPH_SEED)
+    sample = np.sort(rng.choice(len(added_ids), min(_RECALL_SAMPLE, len(added_ids)), replace=False))
+    found, sims = exact_topk(ctx, shards.uris, raw[sample], k + 1, metric)
+    truth = drop_self(added_ids[sample], found, sims, k)[0]
+    table = read_assignments(ctx.run_dir).select(["image_id", "cluster"])
+    assigned_ids = table.column("image_id").to_numpy()
+    order = np.argsort(assigned_ids)
+    pos = np.minimum(np.searchsorted(assigned_ids, truth, sorter=order), len(order) - 1)
+    truth_clusters = np.where(truth >= 0, table.column("cluster").to_numpy()[order[pos]], -2)
+    tried = []
+    depth = 1
+    while True:
+        held = (truth_clusters[:, :, None] == probes[sample, None, :depth]).any(axis=2)
+        covered = float(held[truth >= 0].mean()) if (truth >= 0).any() else 1.0
+        tried.append({"probes": depth, "neighbours_in_probed_clusters": round(covered, 5)})
+        if covered >= target_recall or depth >= deepest:
+            break
+        depth = min(2 * depth, deepest)
+    return (
+        np.ascontiguousarray(probes[:, :depth]),
+        clusters,
+        sample,
+        truth,
+        {"chosen": depth, "target_recall": target_recall, "tried": tried},
+    )

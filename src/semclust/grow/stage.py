@@ -228,7 +228,16 @@ def _grow_graph(
     with runinfo.timed("add: kNN graph") as t:
         if pending:
             out.update(
-                grow_graph(ctx, shards, pending, int(graph_record["k"]), graph_record["metric"])
+                grow_graph(
+                    ctx,
+                    shards,
+                    pending,
+                    int(graph_record["k"]),
+                    graph_record["metric"],
+                    exact_graph=str(graph_record.get("method", "")).startswith("exact"),
+                    search=ctx.cfg.add.graph_search,
+                    target_recall=ctx.cfg.graph.target_recall,
+                )
             )
     out["seconds"] = t["seconds"]
     before = graph_record.get("duplicates")
