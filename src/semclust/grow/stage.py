@@ -138,19 +138,20 @@ def grow(ctx: RunContext) -> dict[str, Any]:
         "rows": shards.total,
     }
     if added:
-        _mark_pending(ctx, sorted(added_names))
+        _mark_pending(ctx, sorted(added_names), history)
         record.update(_extend(ctx, shards, added))
     record["seconds_total"] = round(time.perf_counter() - start, 3)
     record["runs"] = [*history, {k: v for k, v in record.items() if k != "runs"}]
     return record
 
 
-def _mark_pending(ctx: RunContext, names: list[str]) -> None:
-    """Keep the parts being added in run.json, so that a stopped add finishes them."""
+def _mark_pending(ctx: RunContext, names: list[str], history: list[dict[str, Any]]) -> None:
+    """Keep the parts being added in run.json (with the earlier adds), so that a stopped add
+    finishes them."""
     runinfo.update_stage(
         ctx.run_dir,
         NAME,
-        {"status": "running", "settings": ctx.settings, "pending_parts": names},
+        {"status": "running", "settings": ctx.settings, "pending_parts": names, "runs": history},
         ctx.cfg.to_dict(),
         NAME,
     )
