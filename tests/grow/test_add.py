@@ -330,3 +330,29 @@ def test_a_stopped_add_is_finished_by_the_same_command(
     assert grown_knn.keys() == full_knn.keys()
     hits = [len(set(grown_knn[i][0]) & set(nb)) for i, (nb, _) in full_knn.items()]
     assert np.sum(hits) / (5 * len(hits)) >= 0.95
+
+
+def test_add_from_and_to_object_storage(ray_local, halves, s3_server, s3_bucket):
+    """Images, run directory and index all on a real S3 server: the add's reads, part writes,
+    index rewrite and run.json go through the store."""
+    from semclust.index.search import SearchIndex
+    from tests.s3server import upload_folder
+
+    client = s3_server.client()
+    assert upload_folder(client, s3_bucket, halves / "first", "images/first") == 36
+    assert upload_folder(client, s3_bucket, halves / "second", "images/second") == 39
+    run = f"s3://{s3_bucket}/run"
+    first, second = f"s3://{s3_bucket}/images/first/", f"s3://{s3_bucket}/images/second/"
+    assert main(["run", first, "--run-dir", run, *COMMON]) == 0
+    assert main(["add", second, "--run-dir", run, "--no-report"]) == 0
+    info = storage.read_json(f"{run}/run.json")
+    record = info["stages"]["add"]
+    assert record["rows_added"] == 36 and record["embed"]["failed"] == 3
+    assert record["graph"]["rows_added"] == 36 and record["index"]["count"] == 72
+    assert len(storage.list_shards(f"{run}/knn")) == len(storage.list_shards(f"{run}/embeddings"))
+    index = SearchIndex(run)
+    assert index.index.ntotal == 72
+    hits = index.search_images(
+        [f"{second}coffee/{sorted((halves / 'second' / 'coffee').iterdir())[0].name}"], 1
+    )
+    assert hits[0][0].uri.startswith(f"{second}coffee/") and hits[0][0].similarity > 0.999

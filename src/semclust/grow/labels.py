@@ -186,11 +186,24 @@ def _by_references(
         where = rows.rows_of(neighbors)
         cls = np.full(neighbors.shape, -1, dtype=np.int64)
         found = where >= 0
-        cls[found] = vote_class(rows.gather(where[found]))
+        needed, inverse = np.unique(where[found], return_inverse=True)
+        cls[found] = _map_rows(rows, needed, vote_class)[inverse]
         winner, share = _vote(own, cls, _edge_weights(sims, metric), classes)
     labels = np.asarray([*names, UNKNOWN], dtype=object)[winner]
     labels[share < lc.min_confidence] = UNKNOWN
     return labels, share
+
+
+def _map_rows(rows: RunRows, needed: np.ndarray, fn: Any) -> np.ndarray:
+    """``fn`` (normalised embeddings (m, D) -> (m,)) of the sorted rows ``needed``, reading
+    only the shards that hold one, one at a time."""
+    out = np.empty(len(needed), dtype=np.int64)
+    for uri, span in rows.shards():
+        a, b = np.searchsorted(needed, [span.start, span.stop])
+        if b > a:
+            _, vectors = read_checked(uri, rows.dim)
+            out[a:b] = fn(normalize_rows(vectors[needed[a:b] - span.start]))
+    return out
 
 
 def _by_seeds(
