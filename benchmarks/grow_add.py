@@ -167,6 +167,8 @@ def main() -> int:
     write_rows(run, x[n_old:], old_parts, "new")
     figures["add"] = extend(run)
     print("add", figures["add"]["seconds"], file=sys.stderr)
+    if figures["add"]["exit"] != 0:
+        raise SystemExit(f"the add failed: {figures['add']['error']}")
     ids = read_rows(run)[0]
     rng = np.random.default_rng(args.seed)
     rows = np.sort(

@@ -44,7 +44,7 @@ _BLOCK_FLOATS = 1 << 25  # a shard's similarities to the added rows, computed 12
 EXACT_PRODUCTS = 2e11  # multiply-adds of the exact pass (about 20-40 s on 2 cores) above which
 # an approximate graph is grown through the clusters
 _RECALL_SAMPLE = 500  # added rows whose exact neighbours choose and check the probes
-_GROUP_ROWS = 1 << 19  # rows of the shards one probe task compares at once
+_GROUP_BYTES = 1 << 28  # embeddings of the shards one probe task compares at once
 
 
 def similarities(a: np.ndarray, b: np.ndarray, metric: str) -> np.ndarray:
@@ -181,7 +181,7 @@ def probe_group(
 ) -> tuple[np.ndarray, np.ndarray, int]:
     """Ray task body: ``update_group`` with rows compared within clusters only: a row meets the
     added rows whose ``probes`` (A, P) hold its own cluster. Shards are taken together up to
-    ``_GROUP_ROWS`` rows, so that each cluster is one product per batch, not one per shard."""
+    ``_GROUP_BYTES`` of embeddings, so that a cluster is one product per batch, not per shard."""
     members, starts = _cluster_lists(probes, clusters)
     best_ids = np.full((len(added_ids), k), -1, dtype=np.int64)
     best_sims = np.full((len(added_ids), k), -np.inf, dtype=np.float32)
@@ -233,7 +233,7 @@ def probe_group(
         cluster = table.column("cluster").to_numpy().astype(np.int64)
         batch.append((i, ids, similarity_space(vectors, metric), cluster))
         rows_held += len(ids)
-        if rows_held >= _GROUP_ROWS:
+        if rows_held * dim * 4 >= _GROUP_BYTES:
             flush()
             rows_held = 0
     flush()

@@ -166,6 +166,7 @@ def _extend(ctx: RunContext, shards: Any, added: list[str]) -> dict[str, Any]:
 
     run_dir = ctx.run_dir
     cfg = ctx.cfg
+    ctx.start_ray()  # the embed step starts it only when it had images to embed
     stages = runinfo.load(run_dir).get("stages", {})
     out: dict[str, Any] = {}
     k = int(model_files.read_summary(run_dir)["k"])
