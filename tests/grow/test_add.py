@@ -6,6 +6,8 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -273,11 +275,12 @@ def test_add_errors_say_what_to_do(ray_local, halves, tmp_path, capsys):
 def test_a_stopped_add_is_finished_by_the_same_command(
     ray_local, halves, full, tmp_path, monkeypatch
 ):
-    """Ctrl-C after the added rows were assigned, before the graph: the same `add` again
-    finishes the graph (through the clusters here, as for a large run), the index and the
-    labels from the parts the first one was adding. The run is labelled from reference images
+    """Ctrl-C after the added images were embedded, before they were assigned: the same `add`
+    again (with nothing left to embed) assigns them and grows the graph (through the clusters
+    here, as for a large run), the index and the labels from the parts the first one was
+    adding. The run is labelled from reference images
     with one cluster named, so the added images take the refs and the names rules."""
-    import semclust.grow.stage as grow_stage
+    import semclust.clustering.assign as assign
 
     run = tmp_path / "run"
     assert main(["run", str(halves / "first"), "--run-dir", str(run), *COMMON]) == 0
@@ -295,14 +298,20 @@ def test_a_stopped_add_is_finished_by_the_same_command(
         raise KeyboardInterrupt
 
     with monkeypatch.context() as patch:
-        patch.setattr(grow_stage, "_grow_graph", interrupted)
+        patch.setattr(assign, "assign_shards", interrupted)
         assert main(["add", str(halves / "second"), "--run-dir", str(run)]) == 130
     record = _run_json(run)["stages"]["add"]
     assert record["status"] == "interrupted" and len(record["pending_parts"]) == 4
     assert json.loads((run / "index" / "meta.json").read_text())["count"] == 36
-    assert len(list((run / "assignments").glob("part-*"))) > len(list((run / "knn").glob("part-*")))
-    again = ["add", str(halves / "second"), "--run-dir", str(run)]
-    assert main([*again, "--set", "add.graph_search=clusters"]) == 0
+    assert len(list((run / "embeddings").glob("part-*"))) == 8
+    assert len(list((run / "assignments").glob("part-*"))) == 4
+    # In a fresh process, as a user reruns it: nothing is left to embed, so the add itself
+    # starts Ray.
+    again = [sys.executable, "-m", "semclust.cli", "add", str(halves / "second")]
+    again += ["--run-dir", str(run), "--num-cpus", "2", "--set", "add.graph_search=clusters"]
+    done = subprocess.run(again, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "add: 36 images added (3 failed)" in done.stdout
     record = _run_json(run)["stages"]["add"]
     assert record["status"] == "done" and record["rows_added"] == 36
     graph = record["graph"]
