@@ -44,6 +44,7 @@ _BLOCK_FLOATS = 1 << 25  # a shard's similarities to the added rows, computed 12
 EXACT_PRODUCTS = 2e11  # multiply-adds of the exact pass (about 20-40 s on 2 cores) above which
 # an approximate graph is grown through the clusters
 _RECALL_SAMPLE = 500  # added rows whose exact neighbours choose and check the probes
+_MAX_PROBES = 256  # clusters an added row may be compared with
 _GROUP_BYTES = 1 << 28  # embeddings of the shards one probe task compares at once
 
 
@@ -240,6 +241,63 @@ def probe_group(
     return best_ids, best_sims, changed
 
 
+def read_added(uris: list[str], dim: int, metric: str) -> tuple[np.ndarray, np.ndarray]:
+    """Ray task body: (image ids int64 (A,), rows in similarity space float32 (A, D)) of the
+    added shards, so that the driver never holds them."""
+    parts = [read_checked(u, dim) for u in uris]
+    ids = np.concatenate([p[0] for p in parts])
+    rows = np.concatenate([similarity_space(p[1], metric) for p in parts])
+    return ids, np.ascontiguousarray(rows, dtype=np.float32)
+
+
+def added_rows(uris: list[str], dim: int, rows: np.ndarray) -> np.ndarray:
+    """Ray task body: the embeddings float32 (m, D) of the added rows ``rows`` (sorted)."""
+    x = np.concatenate([read_checked(u, dim)[1] for u in uris])
+    return x[rows]
+
+
+def probes_of(run_dir: str, uris: list[str], dim: int, depth: int) -> np.ndarray:
+    """Ray task body: each added row's ``depth`` nearest centroids of the run's model, int32."""
+    x = np.concatenate([read_checked(u, dim)[1] for u in uris])
+    return nearest_centroids(run_dir, x, depth)[1].astype(np.int32)
+
+
+def nearest_centroids(run_dir: str, x: np.ndarray, depth: int) -> tuple[int, np.ndarray]:
+    """(k, the ``depth`` nearest centroids int64 (n, depth) of embeddings ``x``)."""
+    from semclust.clustering.kmeans import CentroidAssigner
+    from semclust.clustering.model import KMeansModel
+
+    model, _ = KMeansModel.load(run_dir)
+    depth = min(depth, model.k)
+    assigner = CentroidAssigner(model, gpus=0, nprobe=depth)
+    _, found = assigner.index.search(model.transform.apply(x), depth)
+    return model.k, found
+
+
+def merge_and_write(
+    run_dir: str,
+    added_uris: list[str],
+    rows: list[int],
+    k: int,
+    sample: np.ndarray | None,
+    *results: tuple[np.ndarray, np.ndarray, int],
+) -> tuple[np.ndarray | None, int]:
+    """Ray task body: the added rows' lists merged over the tasks' ``results`` and written as
+    their ``knn/`` parts; (the sample rows' lists, old rows changed)."""
+    best_ids, best_sims = merge_topk([(r[0], r[1]) for r in results], k)
+    best_ids = np.where(np.isfinite(best_sims), best_ids, -1)
+    start = 0
+    for uri, n in zip(added_uris, rows, strict=True):
+        part_ids = storage.read_parquet(uri, ["image_id"]).column("image_id").to_numpy()
+        span = slice(start, start + n)
+        storage.write_parquet(
+            part_uri(run_dir, KNN, uri), knn_table(part_ids, best_ids[span], best_sims[span])
+        )
+        start += n
+    changed = int(sum(r[2] for r in results))
+    return (best_ids[sample] if sample is not None else None), changed
+
+
 def grow_graph(
     ctx: RunContext,
     shards: ShardSet,
@@ -253,27 +311,25 @@ def grow_graph(
 ) -> dict[str, Any]:
     """Add the ``added_uris`` shards' rows to the run's kNN graph (see the module); the record.
     ``search`` (``add.graph_search``): exact, clusters, or auto: exact when ``exact_graph`` (the
-    graph stage searched exactly) or when it costs under ``EXACT_PRODUCTS``."""
+    graph stage searched exactly) or when it costs under ``EXACT_PRODUCTS``. The added rows and
+    their lists stay in Ray's object store and tasks: the driver holds their ids."""
     ray = ctx.start_ray()
     added_set = set(added_uris)
-    ids_parts, raw_parts = [], []
-    for uri in added_uris:
-        ids, vectors = read_checked(uri, shards.dim)
-        ids_parts.append(ids)
-        raw_parts.append(vectors)
-    added_ids = np.concatenate(ids_parts)
-    raw = np.concatenate(raw_parts)
-    added = np.ascontiguousarray(similarity_space(raw, metric), dtype=np.float32)
-    products = float(shards.total) * len(added_ids) * shards.dim
+    rows_of = dict(zip(shards.uris, shards.rows, strict=True))
+    added_count = [rows_of[u] for u in added_uris]
+    n_added = sum(added_count)
+    reader = ctx.remote(read_added, num_returns=2, **remote_options(num_cpus=1))
+    ids_ref, added_ref = reader.remote(added_uris, shards.dim, metric)
+    products = float(shards.total) * n_added * shards.dim
     cpus = int(ray.cluster_resources().get("CPU", 1))
     tasks = max(1, min(len(shards.uris), 4 * cpus))
     size = -(-len(shards.uris) // tasks)
     groups = [shards.uris[s : s + size] for s in range(0, len(shards.uris), size)]
-    record: dict[str, Any] = {"rows_added": len(added_ids), "tasks": len(groups)}
-    ids_ref, added_ref = ray.put(added_ids), ray.put(added)
+    record: dict[str, Any] = {"rows_added": n_added, "tasks": len(groups)}
     ctx.ensure_held()
     if search == "auto":
         search = "exact" if exact_graph or products <= EXACT_PRODUCTS else "clusters"
+    sample = truth = None
     if search == "exact":
         record["search"] = "exact"
         task = ctx.remote(update_group, **remote_options(num_cpus=1))
@@ -290,15 +346,15 @@ def grow_graph(
             )
             for group in groups
         ]
-        sample = None
     else:
-        probes, clusters, sample, truth, chosen = _choose_probes(
-            ctx, shards, added_ids, raw, k, metric, target_recall
+        depth, clusters, sample, truth, chosen = _choose_probes(
+            ctx, shards, added_uris, ray.get(ids_ref), k, metric, target_recall
         )
-        record["search"] = f"within clusters: {probes.shape[1]} of {clusters} probed"
+        record["search"] = f"within clusters: {depth} of {clusters} probed"
         record["probes"] = chosen
+        prober = ctx.remote(probes_of, **remote_options(num_cpus=1))
+        probes_ref = prober.remote(ctx.run_dir, added_uris, shards.dim, depth)
         task = ctx.remote(probe_group, **remote_options(num_cpus=1))
-        probes_ref = ray.put(probes)
         refs = [
             task.remote(
                 group,
@@ -315,76 +371,84 @@ def grow_graph(
             )
             for group in groups
         ]
-    results = ray.get(refs)
-    best_ids, best_sims = merge_topk([(r[0], r[1]) for r in results], k)
-    best_ids = np.where(np.isfinite(best_sims), best_ids, -1)
+    # Every task's lists are merged where they are, in one more task; the driver gets counts.
+    ray.wait(refs, num_returns=len(refs), fetch_local=False)
+    ctx.ensure_held()
+    writer = ctx.remote(merge_and_write, **remote_options(num_cpus=1))
+    found, changed = ray.get(writer.remote(ctx.run_dir, added_uris, added_count, k, sample, *refs))
     if sample is not None:
         record["recall"] = {
-            "recall_at_k": round(recall_at_k(best_ids[sample], truth), 5),
+            "recall_at_k": round(recall_at_k(found, truth), 5),
             "queries": len(sample),
         }
-    ctx.ensure_held()
-    start = 0
-    for uri, ids in zip(added_uris, ids_parts, strict=True):
-        rows = slice(start, start + len(ids))
-        storage.write_parquet(
-            part_uri(ctx.run_dir, KNN, uri), knn_table(ids, best_ids[rows], best_sims[rows])
-        )
-        start += len(ids)
-    record["old_rows_changed"] = int(sum(r[2] for r in results))
+    record["old_rows_changed"] = changed
     log.info(
         "add: kNN edges of %d added rows (%s); %d old rows' lists changed",
-        len(added_ids),
+        n_added,
         record["search"],
-        record["old_rows_changed"],
+        changed,
     )
     return record
+
+
+def _clusters_of(run_dir: str, image_ids: np.ndarray) -> np.ndarray:
+    """The cluster of each image id (any shape; -2 for -1 or an id without an assignment), one
+    assignments part at a time."""
+    out = np.full(image_ids.shape, -2, dtype=np.int64)
+    flat, where = image_ids.ravel(), out.ravel()
+    order = np.argsort(flat)
+    for uri in storage.list_shards(storage.join(run_dir, ASSIGNMENTS)):
+        table = storage.read_parquet(uri, ["image_id", "cluster"])
+        ids = table.column("image_id").to_numpy()
+        pos = np.minimum(np.searchsorted(flat, ids, sorter=order), len(flat) - 1)
+        # Each id of the part that is wanted: every place it is wanted.
+        for i in np.flatnonzero(flat[order[pos]] == ids):
+            lo = np.searchsorted(flat, ids[i], side="left", sorter=order)
+            hi = np.searchsorted(flat, ids[i], side="right", sorter=order)
+            where[order[lo:hi]] = table.column("cluster")[int(i)].as_py()
+    return out
 
 
 def _choose_probes(
     ctx: RunContext,
     shards: ShardSet,
+    added_uris: list[str],
     added_ids: np.ndarray,
-    raw: np.ndarray,
     k: int,
     metric: str,
     target_recall: float,
-) -> tuple[np.ndarray, int, np.ndarray, np.ndarray, dict[str, Any]]:
-    """(probes int64 (A, P), clusters, sample rows, their exact neighbours, the choice's record):
-    the smallest P = 1, 2, 4, ... whose probed clusters hold ``target_recall`` of the sample's
-    exact neighbours (by the neighbours' own clusters)."""
-    from semclust.clustering.kmeans import CentroidAssigner
-    from semclust.clustering.model import KMeansModel
+) -> tuple[int, int, np.ndarray, np.ndarray, dict[str, Any]]:
+    """(probes P, clusters, sample rows, their exact neighbours, the choice's record): the
+    smallest P = 1, 2, 4, ... whose probed clusters hold ``target_recall`` of a sample of added
+    rows' exact neighbours (by the neighbours' own clusters)."""
     from semclust.index.exact import drop_self, exact_topk
-    from semclust.rundir.tables import read_assignments
 
-    model, _ = KMeansModel.load(ctx.run_dir)
-    clusters = model.k
-    deepest = min(clusters, 256)
-    assigner = CentroidAssigner(model, gpus=0, nprobe=deepest)
-    _, probes = assigner.index.search(model.transform.apply(raw), deepest)
     rng = np.random.default_rng(GRAPH_SEED)
     sample = np.sort(rng.choice(len(added_ids), min(_RECALL_SAMPLE, len(added_ids)), replace=False))
-    found, sims = exact_topk(ctx, shards.uris, raw[sample], k + 1, metric)
+    fetch = ctx.remote(added_rows, **remote_options(num_cpus=1))
+    raw = ctx.start_ray().get(fetch.remote(added_uris, shards.dim, sample))
+    clusters, probes = nearest_centroids(ctx.run_dir, raw, _MAX_PROBES)
+    found, sims = exact_topk(ctx, shards.uris, raw, k + 1, metric)
     truth = drop_self(added_ids[sample], found, sims, k)[0]
-    table = read_assignments(ctx.run_dir).select(["image_id", "cluster"])
-    assigned_ids = table.column("image_id").to_numpy()
-    order = np.argsort(assigned_ids)
-    pos = np.minimum(np.searchsorted(assigned_ids, truth, sorter=order), len(order) - 1)
-    truth_clusters = np.where(truth >= 0, table.column("cluster").to_numpy()[order[pos]], -2)
+    truth_clusters = _clusters_of(ctx.run_dir, truth)
+    deepest = probes.shape[1]
     tried = []
     depth = 1
     while True:
-        held = (truth_clusters[:, :, None] == probes[sample, None, :depth]).any(axis=2)
+        held = (truth_clusters[:, :, None] == probes[:, None, :depth]).any(axis=2)
         covered = float(held[truth >= 0].mean()) if (truth >= 0).any() else 1.0
         tried.append({"probes": depth, "neighbours_in_probed_clusters": round(covered, 5)})
         if covered >= target_recall or depth >= deepest:
             break
         depth = min(2 * depth, deepest)
     return (
-        np.ascontiguousarray(probes[:, :depth]),
+        depth,
         clusters,
         sample,
         truth,
-        {"chosen": depth, "target_recall": target_recall, "tried": tried},
+        {
+            "chosen": depth,
+            "target_recall": target_recall,
+            "tried": tried,
+        },
     )
