@@ -179,3 +179,27 @@ def test_probe_group_compares_rows_within_probed_clusters(tmp_path):
     assert recall(found, truth[old_n:]) >= 0.95 and recall(old, truth[:old_n]) >= 0.98
     found_one, _ = grow(1)
     assert recall(found_one, truth[old_n:]) < 0.8 < recall(found, truth[old_n:])
+
+
+def test_the_add_config_is_the_runs_recorded_one(tmp_path):
+    """The add takes the run's recorded sections (a key from another version left out), the
+    command line's ray and add sections, and its storage only where it sets one."""
+    from semclust import runinfo
+    from semclust.config import RunConfig, load_config
+    from semclust.grow.stage import run_config
+
+    recorded = RunConfig().to_dict()
+    recorded["cluster"]["k"] = 37
+    recorded["embed"]["backbone"] = "efficientnet_lite1"
+    recorded["embed"]["retired_option"] = 3
+    recorded["storage"]["endpoint_url"] = "http://127.0.0.1:9"
+    run = str(tmp_path / "run")
+    runinfo.update_stage(run, "embed", {"status": "done"}, recorded)
+    cli = load_config(None, {"run_dir": run, "ray.num_cpus": 2, "add.drift_threshold": 0.2})
+    cfg = run_config(cli, "/new/images")
+    assert cfg.cluster.k == 37 and cfg.embed.backbone == "efficientnet_lite1"
+    assert cfg.embed.input == "/new/images" and cfg.mode == "resume"
+    assert cfg.ray.num_cpus == 2 and cfg.add.drift_threshold == 0.2
+    assert cfg.storage.endpoint_url == "http://127.0.0.1:9"
+    cli = load_config(None, {"run_dir": run, "storage.endpoint_url": "http://127.0.0.1:8"})
+    assert run_config(cli, "/new").storage.endpoint_url == "http://127.0.0.1:8"

@@ -218,9 +218,23 @@ def load_config(
     return _build(RunConfig, tree, "")
 
 
-def from_dict(tree: dict[str, Any]) -> RunConfig:
-    """A validated RunConfig from a nested mapping (run.json's ``config``)."""
-    return _build(RunConfig, tree, "")
+def from_dict(tree: dict[str, Any], *, known_only: bool = False) -> RunConfig:
+    """A validated RunConfig from a nested mapping (run.json's ``config``); ``known_only``
+    leaves out keys this version does not have (a run recorded by another semclust)."""
+    return _build(RunConfig, _known(RunConfig, tree) if known_only else tree, "")
+
+
+def _known(cls: type, data: dict[str, Any]) -> dict[str, Any]:
+    hints = _field_types(cls)
+    out: dict[str, Any] = {}
+    for name, value in data.items():
+        if name not in hints:
+            continue
+        tp = hints[name]
+        out[name] = (
+            _known(tp, value) if _is_dataclass_type(tp) and isinstance(value, dict) else value
+        )
+    return out
 
 
 def replace(cfg: RunConfig, **dotted: Any) -> RunConfig:

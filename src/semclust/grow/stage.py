@@ -57,7 +57,9 @@ def run_config(cli: RunConfig, input_uri: str) -> RunConfig:
         recorded = runinfo.load(run_dir).get("config") or {}
     tree = {**recorded}
     tree.pop("add", None)
-    base = from_dict(tree)
+    # A run recorded by another semclust may hold keys this one lacks: they are left out, and
+    # the values that remain are checked as always.
+    base = from_dict(tree, known_only=True)
     storage_section = cli.storage if cli.storage != StorageConfig() else base.storage
     return replace(
         base,
