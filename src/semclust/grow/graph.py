@@ -330,21 +330,14 @@ def grow_graph(
     if search == "auto":
         search = "exact" if exact_graph or products <= EXACT_PRODUCTS else "clusters"
     sample = truth = None
+    old = [[u not in added_set for u in group] for group in groups]
+    knn = [[part_uri(ctx.run_dir, KNN, u) for u in group] for group in groups]
     if search == "exact":
         record["search"] = "exact"
         task = ctx.remote(update_group, **remote_options(num_cpus=1))
         refs = [
-            task.remote(
-                group,
-                [u not in added_set for u in group],
-                [part_uri(ctx.run_dir, KNN, u) for u in group],
-                ids_ref,
-                added_ref,
-                k,
-                metric,
-                shards.dim,
-            )
-            for group in groups
+            task.remote(g, o, n, ids_ref, added_ref, k, metric, shards.dim)
+            for g, o, n in zip(groups, old, knn, strict=True)
         ]
     else:
         depth, clusters, sample, truth, chosen = _choose_probes(
@@ -355,21 +348,10 @@ def grow_graph(
         prober = ctx.remote(probes_of, **remote_options(num_cpus=1))
         probes_ref = prober.remote(ctx.run_dir, added_uris, shards.dim, depth)
         task = ctx.remote(probe_group, **remote_options(num_cpus=1))
+        common = (ids_ref, added_ref, probes_ref, clusters, k, metric, shards.dim)
         refs = [
-            task.remote(
-                group,
-                [u not in added_set for u in group],
-                [part_uri(ctx.run_dir, KNN, u) for u in group],
-                [part_uri(ctx.run_dir, ASSIGNMENTS, u) for u in group],
-                ids_ref,
-                added_ref,
-                probes_ref,
-                clusters,
-                k,
-                metric,
-                shards.dim,
-            )
-            for group in groups
+            task.remote(g, o, n, [part_uri(ctx.run_dir, ASSIGNMENTS, u) for u in g], *common)
+            for g, o, n in zip(groups, old, knn, strict=True)
         ]
     # Every task's lists are merged where they are, in one more task; the driver gets counts.
     ray.wait(refs, num_returns=len(refs), fetch_local=False)
@@ -383,7 +365,7 @@ def grow_graph(
         }
     record["old_rows_changed"] = changed
     log.info(
-        "add: kNN edges of %d added rows (%s); %d old rows' lists changed",
+        "add: kNN edges of %d added rows (%s); %d old lists changed",
         n_added,
         record["search"],
         changed,
