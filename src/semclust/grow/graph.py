@@ -278,20 +278,22 @@ def merge_and_write(
     run_dir: str,
     added_uris: list[str],
     rows: list[int],
+    added_ids: np.ndarray,
     k: int,
     sample: np.ndarray | None,
     *results: tuple[np.ndarray, np.ndarray, int],
 ) -> tuple[np.ndarray | None, int]:
     """Ray task body: the added rows' lists merged over the tasks' ``results`` and written as
-    their ``knn/`` parts; (the sample rows' lists, old rows changed)."""
+    their ``knn/`` parts (``rows`` per added shard, ``added_ids`` in their order); (the sample
+    rows' lists, old rows changed)."""
     best_ids, best_sims = merge_topk([(r[0], r[1]) for r in results], k)
     best_ids = np.where(np.isfinite(best_sims), best_ids, -1)
     start = 0
     for uri, n in zip(added_uris, rows, strict=True):
-        part_ids = storage.read_parquet(uri, ["image_id"]).column("image_id").to_numpy()
         span = slice(start, start + n)
         storage.write_parquet(
-            part_uri(run_dir, KNN, uri), knn_table(part_ids, best_ids[span], best_sims[span])
+            part_uri(run_dir, KNN, uri),
+            knn_table(added_ids[span], best_ids[span], best_sims[span]),
         )
         start += n
     changed = int(sum(r[2] for r in results))
@@ -357,7 +359,9 @@ def grow_graph(
     ray.wait(refs, num_returns=len(refs), fetch_local=False)
     ctx.ensure_held()
     writer = ctx.remote(merge_and_write, **remote_options(num_cpus=1))
-    found, changed = ray.get(writer.remote(ctx.run_dir, added_uris, added_count, k, sample, *refs))
+    found, changed = ray.get(
+        writer.remote(ctx.run_dir, added_uris, added_count, ids_ref, k, sample, *refs)
+    )
     if sample is not None:
         record["recall"] = {
             "recall_at_k": round(recall_at_k(found, truth), 5),

@@ -177,5 +177,5 @@ def growth_rows(info: dict[str, Any]) -> list[dict[str, Any]]:
 def growth_notes(info: dict[str, Any]) -> list[str]:
     """The last add's advice to re-cluster, when it gave one."""
     runs = ((info.get("stages") or {}).get("add") or {}).get("runs", [])
-    advice = ((runs[-1].get("drift") or {}).get("advice") if runs else None) or None
+    advice = (runs[-1].get("drift") or {}).get("advice") if runs else None
     return [f"Drift: {advice}."] if advice else []
